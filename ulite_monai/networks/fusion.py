@@ -1,0 +1,266 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""Inference-time re-parameterisation of :class:`~ulite_monai.networks.ULite`.
+
+:func:`fuse_ulite` returns an eval-only network that computes the same function as a trained ULite in
+eval mode, with fewer and cheaper operations:
+
+- every BatchNorm is folded into a neighbouring convolution (the one before it or the one after it);
+- every axial depthwise block ``x + sum_axis conv_axis(x)`` loses its identity branch (folded into the
+  centre tap of one axial kernel); in 2D the axial kernels can be merged into one cross-shaped kernel;
+- each decoder's pointwise conv over ``cat(up(x), skip)`` is split into ``up(pw_a(x)) + pw_b(skip)``:
+  nearest up-sampling commutes with a pointwise conv, so the coarse half runs at 1 / 2**d of the voxels
+  and the concatenation disappears;
+- optionally the network runs in channels-last memory format (faster on CPU with oneDNN).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ulite_monai.networks.ulite import AxialDWConv, ULite, crop_to, pad_to_divisible
+
+__all__ = ["fuse_ulite", "FusedULite", "inference_network"]
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shift ``(s, t)`` with ``bn(x) == s * x + t`` per channel in eval mode."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"only BatchNorm layers can be folded, got {type(bn).__name__}.")
+    if not bn.track_running_stats or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded.")
+    s = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.affine:
+        s = s * bn.weight.double()
+    t = -bn.running_mean.double() * s
+    if bn.affine:
+        t = t + bn.bias.double()
+    return s, t
+
+
+def _conv_like(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor, **overrides) -> nn.Module:
+    """A new conv of ``conv``'s type and geometry carrying ``weight`` and ``bias``."""
+    kwargs = dict(
+        in_channels=conv.in_channels,
+        out_channels=weight.shape[0],
+        kernel_size=tuple(weight.shape[2:]),
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+    )
+    kwargs.update(overrides)
+    new = type(conv)(**kwargs)
+    new.weight.data.copy_(weight.to(new.weight.dtype))
+    new.bias.data.copy_(bias.to(new.bias.dtype))
+    return new
+
+
+def _bias(conv: nn.Module) -> torch.Tensor:
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
+    return conv.bias.double()
+
+
+class FusedAxialDW(nn.Module):
+    """``scale * (x + sum_axis conv_axis(x)) + shift`` computed as a sum of depthwise convs (identity and
+    the optional affine folded in), or as one depthwise conv with a cross-shaped kernel (``merge=True``)."""
+
+    def __init__(self, block: AxialDWConv, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                 merge: bool = False) -> None:
+        super().__init__()
+        convs = list(block.convs)
+        ch = convs[0].in_channels
+        dev = convs[0].weight.device
+        s = torch.ones(ch, dtype=torch.float64, device=dev) if scale is None else scale
+        t = torch.zeros(ch, dtype=torch.float64, device=dev) if shift is None else shift
+        nd = convs[0].weight.ndim - 2
+        view = (-1,) + (1,) * (nd + 1)
+        if merge:
+            # embed each axial kernel (dilated) into one dense kernel spanning the largest reach
+            reach = max(c.dilation[a] * (c.kernel_size[a] - 1) // 2 for a, c in enumerate(convs))
+            size = 2 * reach + 1
+            w = torch.zeros((ch, 1) + (size,) * nd, dtype=torch.float64, device=dev)
+            centre = (slice(None), 0) + (reach,) * nd
+            w[centre] += 1.0
+            b = torch.zeros(ch, dtype=torch.float64, device=dev)
+            for axis, conv in enumerate(convs):
+                k, d = conv.kernel_size[axis], conv.dilation[axis]
+                half = (k - 1) // 2
+                cw = conv.weight.double().reshape(ch, k)
+                for j in range(k):
+                    idx = [slice(None), 0] + [reach] * nd
+                    idx[2 + axis] = reach + (j - half) * d
+                    w[tuple(idx)] += cw[:, j]
+                b += _bias(conv)
+            w = w * s.view(view)
+            b = b * s + t
+            self.convs = nn.ModuleList(
+                [_conv_like(convs[0], w, b, kernel_size=(size,) * nd, padding=(reach,) * nd, dilation=1)]
+            )
+        else:
+            fused = []
+            for axis, conv in enumerate(convs):
+                w = conv.weight.double().clone()
+                b = _bias(conv)
+                if axis == 0:
+                    centre = (slice(None), 0) + tuple((k - 1) // 2 for k in conv.kernel_size)
+                    w[centre] += 1.0
+                    b = b * s + t
+                else:
+                    b = b * s
+                fused.append(_conv_like(conv, w * s.view(view), b))
+            self.convs = nn.ModuleList(fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.convs[0](x)
+        for conv in self.convs[1:]:
+            out = out + conv(x)
+        return out
+
+
+class FusedEncoderBlock(nn.Module):
+    def __init__(self, block: nn.Module, merge: bool) -> None:
+        super().__init__()
+        s, t = _bn_affine(block.norm)
+        self.dw = FusedAxialDW(block.dw, s, t, merge=merge)
+        self.pw = copy.deepcopy(block.pw)
+        self.pool = copy.deepcopy(block.pool)
+        self.act = copy.deepcopy(block.act)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.dw(x)
+        return self.act(self.pool(self.pw(skip))), skip
+
+
+class FusedDecoderBlock(nn.Module):
+    """``act(pw2(dw(bn(pw(cat(up(x), skip))))))`` as ``act(pw2(dw(up(pw_a(x)) + pw_b(skip))))``."""
+
+    def __init__(self, block: nn.Module, merge: bool) -> None:
+        super().__init__()
+        s, t = _bn_affine(block.norm)
+        pw = block.pw
+        w = pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1))
+        b = _bias(pw) * s + t
+        n_up = pw.in_channels - pw.out_channels
+        self.pw_up = _conv_like(pw, w[:, :n_up], torch.zeros_like(b), in_channels=n_up)
+        self.pw_skip = _conv_like(pw, w[:, n_up:], b, in_channels=pw.out_channels)
+        self.dw = FusedAxialDW(block.dw, merge=merge)
+        self.pw2 = copy.deepcopy(block.pw2)
+        self.act = copy.deepcopy(block.act)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(self.pw_up(x), scale_factor=2.0, mode="nearest") + self.pw_skip(skip)
+        return self.act(self.pw2(self.dw(x)))
+
+
+class FusedBottleneck(nn.Module):
+    def __init__(self, block: nn.Module, merge: bool) -> None:
+        super().__init__()
+        s, t = _bn_affine(block.norm)
+        self.pw1 = copy.deepcopy(block.pw1)
+        self.branches = nn.ModuleList(FusedAxialDW(br, merge=merge) for br in block.branches)
+        pw2 = block.pw2
+        w = pw2.weight.double()
+        b = _bias(pw2) + w.flatten(1) @ t
+        w = w * s.view((1, -1) + (1,) * (w.ndim - 2))
+        self.pw2 = _conv_like(pw2, w, b)
+        self.act = copy.deepcopy(block.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw1(x)
+        x = torch.cat([x] + [br(x) for br in self.branches], dim=1)
+        return self.act(self.pw2(x))
+
+
+class FusedULite(nn.Module):
+    """Eval-only U-Lite with folded BatchNorm, merged axial blocks and split decoder convs.
+
+    Built by :func:`fuse_ulite`; computes the same function as the source network in eval mode.
+    """
+
+    def __init__(self, net: ULite, merge_axial: bool | None = None, channels_last: bool = True) -> None:
+        super().__init__()
+        if merge_axial is None:
+            merge_axial = net.spatial_dims == 2 and _default_merge_2d()
+        self.spatial_dims = net.spatial_dims
+        self.in_channels = net.in_channels
+        self.out_channels = net.out_channels
+        self.divisor = net.divisor
+        self.pad_mode = net.pad_mode
+        self.channels_last = bool(channels_last) and net.spatial_dims in (2, 3)
+        with torch.no_grad():
+            self.conv_in = copy.deepcopy(net.conv_in)
+            self.encoders = nn.ModuleList(FusedEncoderBlock(b, merge_axial) for b in net.encoders)
+            self.bottleneck = FusedBottleneck(net.bottleneck, merge_axial)
+            self.decoders = nn.ModuleList(FusedDecoderBlock(b, merge_axial) for b in net.decoders)
+            self.conv_out = copy.deepcopy(net.conv_out)
+        self.eval()
+        if self.channels_last:
+            self.to(memory_format=self._memory_format())
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
+
+    def train(self, mode: bool = True) -> FusedULite:
+        if mode:
+            raise RuntimeError("FusedULite is for inference only; train the original ULite instead.")
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"FusedULite(spatial_dims={self.spatial_dims}, in_channels={self.in_channels}) got an input "
+                f"of shape {tuple(x.shape)}; expected (batch, {self.in_channels}, *{self.spatial_dims} spatial dims)."
+            )
+        x, crop = pad_to_divisible(x, self.divisor, self.pad_mode)
+        if self.channels_last:
+            x = x.contiguous(memory_format=self._memory_format())
+        x = self.conv_in(x)
+        skips = []
+        for enc in self.encoders:
+            x, skip = enc(x)
+            skips.append(skip)
+        x = self.bottleneck(x)
+        for dec, skip in zip(self.decoders, reversed(skips)):
+            x = dec(x, skip)
+        x = crop_to(self.conv_out(x), crop)
+        return x.contiguous()
+
+
+def _default_merge_2d() -> bool:
+    """Whether 2D axial blocks are merged into one cross-shaped kernel by default (measured: faster on CPU)."""
+    return True
+
+
+def fuse_ulite(net: ULite, merge_axial: bool | None = None, channels_last: bool = True) -> FusedULite:
+    """Return an eval-mode network equivalent to ``net.eval()`` with BatchNorm folded and axial blocks merged.
+
+    Args:
+        net: a (trained) :class:`ULite` with batch norm layers. It is not modified.
+        merge_axial: merge each axial depthwise block into one dense depthwise kernel (default: in 2D only).
+        channels_last: run in channels-last memory format (faster on CPU).
+
+    Returns:
+        a :class:`FusedULite` on the same device as ``net``, parity within float rounding (about 1e-5 rel.).
+    """
+    if isinstance(net, FusedULite):
+        return net
+    if not isinstance(net, ULite):
+        raise TypeError(f"fuse_ulite expects a ULite network, got {type(net).__name__}.")
+    return FusedULite(net, merge_axial=merge_axial, channels_last=channels_last)
+
+
+def inference_network(net: nn.Module, fuse: bool = True, channels_last: bool = True) -> nn.Module:
+    """The network the inference paths use: fused (default) or the original in eval mode.
+
+    Non-ULite networks are returned in eval mode unchanged, so configs may swap in other MONAI nets.
+    """
+    if fuse and isinstance(net, ULite):
+        return fuse_ulite(net, channels_last=channels_last)
+    net = net.eval()
+    return net
