@@ -1,0 +1,146 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""``ulite-dicom``: clinical batch inference with the ulite bundle.
+
+Example::
+
+    ulite-dicom /data/exports /data/results --bundle bundles/ulite --device cuda
+    python -m ulite_monai.batch /data/exports /data/results --formats seg --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default(rel: str) -> str:
+    """A repository-relative default: ./rel if it exists, else next to the installed package."""
+    here = Path(rel)
+    return str(here if here.exists() else _REPO_ROOT / rel)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ulite-dicom",
+        description=(
+            "Segment every eligible DICOM series (and NIfTI/NRRD/MHA volume) under INPUT with the bundle's "
+            "inference pipeline; write a DICOM SEG, a NIfTI label and a manifest row per series into OUTPUT. "
+            "Reruns resume: series already done with the same model version are skipped."
+        ),
+    )
+    p.add_argument("input", type=Path, help="folder tree of DICOM files and/or NIfTI/NRRD/MHA volumes (or one file)")
+    p.add_argument("output", type=Path, help="output folder (created); holds manifest.jsonl and the results")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: bundles/ulite)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=None,
+        help="inference config file(s), merged in order (default: <bundle>/configs/inference.json); "
+        "repeat to add overrides, e.g. --config <bundle>/configs/inference.json --config configs/3d_ct.json",
+    )
+    p.add_argument(
+        "--rules",
+        type=str,
+        default=None,
+        help="series selection rules, MONAI Deploy DICOMSeriesSelectorOperator JSON "
+        "(default: configs/series_selection.json; 'all' selects every image series)",
+    )
+    p.add_argument("--first-match", action="store_true", help="per study and selection keep only the first matching series")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--checkpoint", type=Path, default=None, help="weights (default: <bundle>/models/model.pt)")
+    p.add_argument("--random-weights", action="store_true", help="allow a randomly initialised network when no checkpoint exists (smoke tests only)")
+    p.add_argument("--overwrite", action="store_true", help="redo series already done with this model version")
+    p.add_argument("--formats", default="seg,nifti", help="comma-separated outputs: seg, nifti (default: seg,nifti)")
+    p.add_argument("--no-prefetch", action="store_true", help="read each series only when the previous one is finished")
+    p.add_argument("--no-fuse", action="store_true", help="run the network as defined (no BatchNorm folding)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-gap-ratio", type=float, default=3.0, help="largest/smallest slice gap still resampled (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="ID=JSON", help="override a config id, e.g. --set inferer#sw_batch_size=2")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    from ulite_monai.batch.runner import BatchOptions, run_batch
+    from ulite_monai.io.series_selection import load_selection_rules
+
+    if not args.verbose:  # SaveImaged logs every file it writes; the manifest already records them
+        logging.getLogger("monai.data.image_writer").setLevel(logging.WARNING)
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+    if not args.input.exists():
+        print(f"ulite-dicom: input {args.input} does not exist", file=sys.stderr)
+        return 2
+    bundle = args.bundle or Path(_default("bundles/ulite"))
+    rules = None
+    if args.rules != "all":
+        rules_path = Path(args.rules) if args.rules else Path(_default("configs/series_selection.json"))
+        try:
+            rules = load_selection_rules(rules_path)
+        except ValueError as e:
+            print(f"ulite-dicom: {e}", file=sys.stderr)
+            return 2
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"ulite-dicom: --set expects ID=JSON, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    opts = BatchOptions(
+        input_dir=args.input,
+        output_dir=args.output,
+        bundle_dir=bundle,
+        config_files=args.config,
+        rules=rules,
+        all_matched=False if args.first_match else None,
+        device=args.device,
+        checkpoint=args.checkpoint,
+        allow_random_weights=args.random_weights,
+        overwrite=args.overwrite,
+        formats=[f for f in args.formats.split(",") if f.strip()],
+        progress=not args.no_progress,
+        prefetch=not args.no_prefetch,
+        fuse=not args.no_fuse,
+        max_gap_ratio=args.max_gap_ratio,
+        overrides=overrides,
+    )
+    try:
+        summary = run_batch(opts)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"ulite-dicom: {e}", file=sys.stderr)
+        return 2
+    c = summary["counts"]
+    print(
+        f"ulite-dicom: {c['done']} done, {c['empty']} empty, {c['failed']} failed, {c['skipped']} skipped, "
+        f"{c['already_done']} already done; {summary['series_per_minute'] or 0} series/min; "
+        f"manifest {Path(args.output) / 'manifest.jsonl'}"
+    )
+    return 1 if c["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""DICOM series discovery and series-to-volume conversion.
+
+Discovery reads headers only (``pydicom.dcmread(..., stop_before_pixels=True)``) and groups
+instances by study and series. Volume building decodes pixel data (compressed transfer
+syntaxes through pydicom's pixel-data plugins), sorts planes along the slice normal computed
+from ImageOrientationPatient (never by InstanceNumber or file name), derives the slice
+spacing from ImagePositionPatient, applies the modality rescale and checks the geometry.
+
+Geometry policy (each rule gives the reason in the error or in ``SeriesVolume.notes``):
+
+* planes with different ImageOrientationPatient, Rows/Columns or PixelSpacing in one series:
+  rejected (``mixed orientations``); export the sub-series separately.
+* several planes at the same position (multi-echo, multi-phase, repeated acquisitions):
+  rejected; identical copies of one SOP instance are de-duplicated silently.
+* positions that do not lie on the slice normal (gantry tilt, sheared stacks): rejected.
+* uneven slice gaps (a missing slice, variable-thickness protocols): resampled with linear
+  interpolation onto a regular grid with the smallest gap, when the largest gap is at most
+  ``max_gap_ratio`` times the smallest; rejected otherwise. The segmentation is mapped back
+  to the source planes by nearest slice so that the DICOM SEG still matches every source plane.
+
+Coordinates: DICOM patient coordinates are LPS; ``SeriesVolume.affine_lps`` maps voxel index
+``(column, row, slice)`` to LPS millimetres. The conversion to RAS happens in
+:func:`SeriesVolume.affine_ras` (and inside SimpleITK/MONAI readers for files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+__all__ = [
+    "IMAGE_SOP_CLASSES",
+    "VOLUME_FILE_SUFFIXES",
+    "DicomFrame",
+    "DicomSeries",
+    "SkippedInput",
+    "DiscoveryResult",
+    "SeriesRejectedError",
+    "SeriesVolume",
+    "discover_inputs",
+    "load_series_volume",
+    "sanitize_name",
+]
+
+logger = logging.getLogger(__name__)
+
+# Cross-sectional image storage classes the batch turns into volumes.
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET Image Storage",
+}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+# Files the batch reads as whole volumes (through the bundle's LoadImaged reader).
+VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+_POS_TOL_MM = 1e-3  # positions closer than this are "the same position"
+_ORIENT_TOL = 1e-3  # direction cosines closer than this are "the same orientation"
+
+
+class SeriesRejectedError(ValueError):
+    """A series (or one of its files) cannot be turned into a volume; the message says why and what to do."""
+
+
+def sanitize_name(text: str, max_len: int = 120) -> str:
+    """File-name-safe form of a UID or name: keeps ``[A-Za-z0-9._-]``, replaces the rest by ``_``."""
+    safe = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "_" for c in str(text)).strip("._")
+    return (safe or "unnamed")[:max_len]
+
+
+@dataclass
+class DicomFrame:
+    """One image plane: a single-frame instance or one frame of a multi-frame instance."""
+
+    path: str
+    sop_instance_uid: str
+    frame_index: int | None  # 0-based frame number in a multi-frame instance, None for single-frame
+    position: np.ndarray  # ImagePositionPatient (LPS, mm)
+    orientation: np.ndarray  # ImageOrientationPatient (6 direction cosines)
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) as in PixelSpacing
+    slope: float = 1.0
+    intercept: float = 0.0
+
+
+@dataclass
+class DicomSeries:
+    """Header-level view of one image series (no pixel data read yet)."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    header: Dataset  # header of the first instance, used by selection rules and the SEG
+    files: list[str] = field(default_factory=list)
+    frames: list[DicomFrame] = field(default_factory=list)
+    sop_instance_uids: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # header problems that make the series unusable
+
+    @property
+    def modality(self) -> str:
+        return str(self.header.get("Modality", ""))
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.frames)
+
+    @property
+    def key(self) -> str:
+        return f"dicom:{self.series_uid}"
+
+    @property
+    def description(self) -> str:
+        return str(self.header.get("SeriesDescription", ""))
+
+
+@dataclass
+class SkippedInput:
+    """A file or series that discovery set aside, with the reason."""
+
+    path: str
+    reason: str
+    study_uid: str = ""
+    series_uid: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"dicom:{self.series_uid}:skipped" if self.series_uid else f"file:{self.path}"
+
+
+@dataclass
+class DiscoveryResult:
+    series: list[DicomSeries]
+    volume_files: list[str]
+    skipped: list[SkippedInput]
+
+
+def _float_list(value: Any) -> list[float]:
+    return [float(v) for v in value]
+
+
+def _frames_from_header(ds: Dataset, path: str) -> list[DicomFrame]:
+    """Planes described by a header: single-frame (IPP/IOP at top level) or enhanced multi-frame
+    (per-frame / shared functional groups)."""
+    sop_uid = str(ds.SOPInstanceUID)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        if n_frames > 1:
+            raise SeriesRejectedError(
+                f"{path}: multi-frame instance ({n_frames} frames) without per-frame functional groups; "
+                "only enhanced multi-frame CT/MR/PET or single-frame series are supported"
+            )
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if kw not in ds or ds[kw].value is None or len(ds[kw].value) == 0:
+                raise SeriesRejectedError(f"{path}: missing {kw}; the plane cannot be placed in patient space")
+        return [
+            DicomFrame(
+                path=path,
+                sop_instance_uid=sop_uid,
+                frame_index=None,
+                position=np.asarray(_float_list(ds.ImagePositionPatient), dtype=np.float64),
+                orientation=np.asarray(_float_list(ds.ImageOrientationPatient), dtype=np.float64),
+                pixel_spacing=tuple(_float_list(ds.PixelSpacing)[:2]),
+                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            )
+        ]
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])
+    shared = shared[0] if len(shared) else Dataset()
+    frames = []
+    for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence):
+
+        def _item(seq_kw: str, per=per) -> Dataset | None:
+            for group in (per, shared):
+                if seq_kw in group and len(group[seq_kw].value):
+                    return group[seq_kw].value[0]
+            return None
+
+        pos, ori, meas = _item("PlanePositionSequence"), _item("PlaneOrientationSequence"), _item("PixelMeasuresSequence")
+        if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
+            raise SeriesRejectedError(f"{path}: frame {i + 1} lacks plane position/orientation/pixel spacing")
+        rescale = _item("PixelValueTransformationSequence")
+        slope = float(rescale.get("RescaleSlope", 1.0)) if rescale is not None else float(ds.get("RescaleSlope", 1.0))
+        intercept = (
+            float(rescale.get("RescaleIntercept", 0.0)) if rescale is not None else float(ds.get("RescaleIntercept", 0.0))
+        )
+        frames.append(
+            DicomFrame(
+                path=path,
+                sop_instance_uid=sop_uid,
+                frame_index=i,
+                position=np.asarray(_float_list(pos.ImagePositionPatient), dtype=np.float64),
+                orientation=np.asarray(_float_list(ori.ImageOrientationPatient), dtype=np.float64),
+                pixel_spacing=tuple(_float_list(meas.PixelSpacing)[:2]),
+                slope=slope,
+                intercept=intercept,
+            )
+        )
+    if len(frames) != n_frames:
+        raise SeriesRejectedError(f"{path}: NumberOfFrames={n_frames} but {len(frames)} per-frame groups")
+    return frames
+
+
+def _is_volume_file(name: str) -> bool:
+    low = name.lower()
+    return any(low.endswith(s) for s in VOLUME_FILE_SUFFIXES)
+
+
+def discover_inputs(root: str | os.PathLike, follow_symlinks: bool = False) -> DiscoveryResult:
+    """Walk ``root``; read DICOM headers only, group image instances by study and series.
+
+    NIfTI/NRRD/MHA files are returned as ``volume_files``. Everything else is reported in
+    ``skipped`` with a reason (not DICOM, unreadable header, DICOMDIR, non-image SOP class such as
+    SR, PR, KO, SEG, RTSTRUCT, ...). Non-image objects are reported once per series.
+
+    Args:
+        root: a folder (walked recursively) or a single file.
+        follow_symlinks: follow symbolic links to folders while walking.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"input {root} does not exist")
+    paths = [root] if root.is_file() else []
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+            dirnames.sort()
+            paths.extend(Path(dirpath) / f for f in sorted(filenames))
+    series: dict[tuple[str, str], DicomSeries] = {}
+    non_image: dict[tuple[str, str, str], SkippedInput] = {}
+    skipped: list[SkippedInput] = []
+    volumes: list[str] = []
+    for p in paths:
+        sp = str(p)
+        if _is_volume_file(p.name):
+            volumes.append(sp)
+            continue
+        try:
+            ds = pydicom.dcmread(sp, stop_before_pixels=True)
+        except InvalidDicomError:
+            skipped.append(SkippedInput(sp, "not a DICOM file (no DICM preamble)"))
+            continue
+        except Exception as e:  # truncated header, bad VR, unreadable file
+            skipped.append(SkippedInput(sp, f"unreadable DICOM header ({type(e).__name__}: {e}); re-export the file"))
+            continue
+        sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
+        if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+            skipped.append(SkippedInput(sp, "DICOMDIR index file (the tree is walked instead)"))
+            continue
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        if not study_uid or not series_uid or "SOPInstanceUID" not in ds:
+            skipped.append(SkippedInput(sp, "DICOM file without Study/Series/SOP Instance UID"))
+            continue
+        if sop_class not in IMAGE_SOP_CLASSES:
+            name = UID(sop_class).name if sop_class else "no SOPClassUID"
+            key = (study_uid, series_uid, sop_class)
+            if key in non_image:
+                continue
+            non_image[key] = SkippedInput(
+                sp,
+                f"{name} ({ds.get('Modality', '?')}) is not a cross-sectional image; not segmented",
+                study_uid,
+                series_uid,
+            )
+            continue
+        s = series.get((study_uid, series_uid))
+        if s is None:
+            s = series[(study_uid, series_uid)] = DicomSeries(study_uid, series_uid, sop_class, ds)
+        sop_uid = str(ds.SOPInstanceUID)
+        if sop_uid in s.sop_instance_uids:
+            s.notes.append(f"duplicate copy of SOP instance {sop_uid} ignored: {sp}")
+            continue
+        try:
+            frames = _frames_from_header(ds, sp)
+        except SeriesRejectedError as e:
+            s.problems.append(str(e))
+            continue
+        except Exception as e:
+            s.problems.append(f"{sp}: unusable geometry attributes ({type(e).__name__}: {e})")
+            continue
+        s.sop_instance_uids.add(sop_uid)
+        s.files.append(sp)
+        s.frames.extend(frames)
+    # A series whose image instances all fell out still shows up so the manifest can say why.
+    result = [s for s in series.values()]
+    return DiscoveryResult(result, volumes, skipped + list(non_image.values()))
+
+
+@dataclass
+class SeriesVolume:
+    """A series as a regular 3-D grid.
+
+    ``array`` is indexed ``[slice, row, column]``; ``affine_lps`` maps ``(column, row, slice, 1)`` to
+    LPS millimetres. ``frames`` are the source planes sorted along the slice normal and
+    ``frame_to_slice[i]`` is the array slice that represents ``frames[i]``.
+    """
+
+    array: np.ndarray
+    origin: np.ndarray
+    spacing: tuple[float, float, float]  # (column, row, slice) spacing, mm
+    direction: np.ndarray  # 3x3, columns: row direction, column direction, slice normal
+    frames: list[DicomFrame]
+    frame_to_slice: np.ndarray
+    datasets: dict[str, Dataset]  # SOPInstanceUID -> header (pixel data removed)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        a = np.eye(4)
+        a[:3, :3] = self.direction * np.asarray(self.spacing)[None, :]
+        a[:3, 3] = self.origin
+        return a
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps
+
+    @property
+    def resampled(self) -> bool:
+        return len(self.frame_to_slice) != self.array.shape[0] or not np.array_equal(
+            self.frame_to_slice, np.arange(len(self.frames))
+        )
+
+    def to_sitk(self):
+        """SimpleITK image in the series geometry (SimpleITK is LPS, like DICOM)."""
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(self.array)
+        img.SetOrigin(tuple(float(v) for v in self.origin))
+        img.SetSpacing(tuple(float(v) for v in self.spacing))
+        img.SetDirection(tuple(float(v) for v in self.direction.flatten()))
+        return img
+
+
+def _orthonormal_direction(iop: np.ndarray) -> np.ndarray:
+    row = iop[:3] / np.linalg.norm(iop[:3])
+    col = iop[3:] - np.dot(iop[3:], row) * row
+    col = col / np.linalg.norm(col)
+    return np.stack([row, col, np.cross(row, col)], axis=1)
+
+
+def _plan_geometry(series: DicomSeries, max_gap_ratio: float) -> tuple[list[DicomFrame], np.ndarray, np.ndarray, list[str]]:
+    """Sort planes along the normal, check them; return (frames, offsets, slice offsets of the grid, notes)."""
+    name = f"series {series.series_uid}"
+    frames = series.frames
+    if series.problems:
+        raise SeriesRejectedError(f"{name}: " + "; ".join(series.problems[:3]))
+    if len(frames) < 2:
+        raise SeriesRejectedError(f"{name}: {len(frames)} image plane(s); a volume needs at least 2")
+    rows = {int(series.header.get("Rows", 0))}
+    iop0 = frames[0].orientation
+    if any(np.max(np.abs(f.orientation - iop0)) > _ORIENT_TOL for f in frames):
+        n_groups = len({tuple(np.round(f.orientation, 3)) for f in frames})
+        raise SeriesRejectedError(
+            f"{name}: mixed orientations ({n_groups} different ImageOrientationPatient values, e.g. localizer "
+            "images inside the series); export each orientation as its own series"
+        )
+    ps0 = frames[0].pixel_spacing
+    if any(max(abs(a - b) for a, b in zip(f.pixel_spacing, ps0)) > 1e-4 for f in frames):
+        raise SeriesRejectedError(f"{name}: PixelSpacing differs between planes; not a single volume")
+    del rows
+    direction = _orthonormal_direction(iop0)
+    normal = direction[:, 2]
+    offsets = np.array([float(np.dot(f.position, normal)) for f in frames])
+    order = np.argsort(offsets, kind="stable")
+    frames = [frames[i] for i in order]
+    offsets = offsets[order]
+    gaps = np.diff(offsets)
+    if np.any(gaps < _POS_TOL_MM):
+        n_dup = int(np.sum(gaps < _POS_TOL_MM))
+        raise SeriesRejectedError(
+            f"{name}: {n_dup} plane(s) share a position with another plane (multi-echo, multi-phase or repeated "
+            "acquisition in one series); split the series, e.g. by EchoNumbers/TemporalPositionIdentifier"
+        )
+    # Positions must lie on the normal through the first plane (no gantry tilt / shear).
+    p0 = frames[0].position
+    lateral = max(float(np.linalg.norm((f.position - p0) - np.dot(f.position - p0, normal) * normal)) for f in frames)
+    if lateral > max(1e-2, 0.05 * min(ps0)):
+        raise SeriesRejectedError(
+            f"{name}: plane positions drift {lateral:.3f} mm sideways of the slice normal (gantry tilt or sheared "
+            "stack); resample the series to an orthogonal grid before export"
+        )
+    notes = []
+    gmin, gmax = float(gaps.min()), float(gaps.max())
+    if gmax - gmin <= max(1e-3, 0.01 * gmin):
+        grid = offsets  # regular: one array slice per source plane
+    elif gmax / gmin <= max_gap_ratio:
+        n = int(round((offsets[-1] - offsets[0]) / gmin)) + 1
+        grid = offsets[0] + np.arange(n) * ((offsets[-1] - offsets[0]) / (n - 1))
+        notes.append(
+            f"uneven slice spacing ({gmin:.3f}-{gmax:.3f} mm); resampled to {n} slices at "
+            f"{(offsets[-1] - offsets[0]) / (n - 1):.3f} mm, labels mapped back to the {len(frames)} source planes"
+        )
+    else:
+        raise SeriesRejectedError(
+            f"{name}: slice gaps range from {gmin:.3f} to {gmax:.3f} mm (ratio {gmax / gmin:.1f} > {max_gap_ratio}); "
+            "several stacks or many missing slices; check the export"
+        )
+    return frames, offsets, grid, notes
+
+
+def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.ndarray, dict[str, Dataset]]:
+    """Pixel data of the sorted frames as float32 (modality rescale applied), plus headers by SOP UID."""
+    rows, cols = int(series.header.Rows), int(series.header.Columns)
+    out = np.empty((len(frames), rows, cols), dtype=np.float32)
+    by_path: dict[str, list[int]] = {}
+    for i, f in enumerate(frames):
+        by_path.setdefault(f.path, []).append(i)
+    datasets: dict[str, Dataset] = {}
+    for path, idxs in by_path.items():
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as e:
+            raise SeriesRejectedError(f"{path}: cannot be read ({type(e).__name__}: {e}); re-export the file") from e
+        if not any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise SeriesRejectedError(f"{path}: no pixel data in the file; re-export the series with images")
+        if int(ds.get("Rows", 0)) != rows or int(ds.get("Columns", 0)) != cols:
+            raise SeriesRejectedError(
+                f"{path}: {ds.get('Rows')}x{ds.get('Columns')} pixels, the series has {rows}x{cols}; mixed matrix sizes"
+            )
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if not photometric.startswith("MONOCHROME") or int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise SeriesRejectedError(f"{path}: {photometric} colour image; only grey-scale images are segmented")
+        try:
+            pix = ds.pixel_array
+        except Exception as e:
+            raise SeriesRejectedError(
+                f"{path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be truncated or use a "
+                f"transfer syntax ({ds.file_meta.get('TransferSyntaxUID', '?')}) without an installed pydicom plugin"
+            ) from e
+        pix = np.asarray(pix)
+        if pix.ndim == 2:
+            pix = pix[None]
+        for i in idxs:
+            f = frames[i]
+            plane = pix[f.frame_index or 0].astype(np.float32)
+            if f.slope != 1.0 or f.intercept != 0.0:
+                plane = plane * np.float32(f.slope) + np.float32(f.intercept)
+            if photometric == "MONOCHROME1":
+                plane = plane.max() + plane.min() - plane  # display inversion; rare for CT/MR
+            out[i] = plane
+        for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if kw in ds:
+                del ds[kw]
+        datasets[str(ds.SOPInstanceUID)] = ds
+    return out, datasets
+
+
+def load_series_volume(series: DicomSeries, max_gap_ratio: float = 3.0) -> SeriesVolume:
+    """Decode a series into a regular volume with its patient geometry (see the module policy).
+
+    Raises:
+        SeriesRejectedError: with the series/file and the reason when the series cannot be a volume.
+    """
+    frames, offsets, grid, notes = _plan_geometry(series, max_gap_ratio)
+    planes, datasets = _decode_frames(series, frames)
+    direction = _orthonormal_direction(frames[0].orientation)
+    if len(grid) == len(offsets) and grid is offsets:
+        array = planes
+        frame_to_slice = np.arange(len(frames))
+        dz = float((offsets[-1] - offsets[0]) / (len(offsets) - 1))
+    else:
+        # linear interpolation along the normal between the bracketing source planes
+        hi = np.clip(np.searchsorted(offsets, grid, side="left"), 1, len(offsets) - 1)
+        lo = hi - 1
+        w = ((grid - offsets[lo]) / (offsets[hi] - offsets[lo])).astype(np.float32)
+        array = planes[lo] * (1 - w)[:, None, None] + planes[hi] * w[:, None, None]
+        dz = float(grid[1] - grid[0])
+        frame_to_slice = np.clip(np.round((offsets - grid[0]) / dz).astype(int), 0, len(grid) - 1)
+    # keep integer data compact (halves the temporary file for CT)
+    if np.all(np.mod(array, 1) == 0) and array.min() >= -32768 and array.max() <= 32767:
+        array = array.astype(np.int16)
+    ps = frames[0].pixel_spacing
+    return SeriesVolume(
+        array=array,
+        origin=frames[0].position.copy(),
+        spacing=(float(ps[1]), float(ps[0]), dz),
+        direction=direction,
+        frames=frames,
+        frame_to_slice=frame_to_slice,
+        datasets=datasets,
+        notes=series.notes[:3] + notes,
+    )
+
+
+def iter_series_summary(series: Iterable[DicomSeries]) -> list[str]:
+    """One line per series (for logs)."""
+    return [f"{s.study_uid} / {s.series_uid}: {s.modality} {s.num_slices} planes '{s.description}'" for s in series]
