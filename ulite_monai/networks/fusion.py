@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ulite_monai.networks.ulite import AxialDWConv, ULite, crop_to, pad_to_divisible
+from ulite_monai.networks.ulite import AxialDWConv, ULite, check_input, crop_to, pad_to_divisible
 
 __all__ = ["fuse_ulite", "FusedULite", "inference_network"]
 
@@ -117,9 +117,9 @@ class FusedAxialDW(nn.Module):
             self.convs = nn.ModuleList(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.convs[0](x)
-        for conv in self.convs[1:]:
-            out = out + conv(x)
+        out = x
+        for i, conv in enumerate(self.convs):
+            out = conv(x) if i == 0 else out + conv(x)
         return out
 
 
@@ -173,7 +173,10 @@ class FusedBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pw1(x)
-        x = torch.cat([x] + [br(x) for br in self.branches], dim=1)
+        parts = [x]
+        for br in self.branches:
+            parts.append(br(x))
+        x = torch.cat(parts, dim=1)
         return self.act(self.pw2(x))
 
 
@@ -206,28 +209,29 @@ class FusedULite(nn.Module):
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
 
+    @torch.jit.unused
     def train(self, mode: bool = True) -> FusedULite:
         if mode:
             raise RuntimeError("FusedULite is for inference only; train the original ULite instead.")
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"FusedULite(spatial_dims={self.spatial_dims}, in_channels={self.in_channels}) got an input "
-                f"of shape {tuple(x.shape)}; expected (batch, {self.in_channels}, *{self.spatial_dims} spatial dims)."
-            )
+        check_input(x, self.spatial_dims, self.in_channels)
         x, crop = pad_to_divisible(x, self.divisor, self.pad_mode)
         if self.channels_last:
-            x = x.contiguous(memory_format=self._memory_format())
+            if self.spatial_dims == 2:
+                x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
         x = self.conv_in(x)
-        skips = []
+        skips: list[torch.Tensor] = []
         for enc in self.encoders:
             x, skip = enc(x)
             skips.append(skip)
         x = self.bottleneck(x)
-        for dec, skip in zip(self.decoders, reversed(skips)):
-            x = dec(x, skip)
+        n = len(skips)
+        for i, dec in enumerate(self.decoders):
+            x = dec(x, skips[n - 1 - i])
         x = crop_to(self.conv_out(x), crop)
         return x.contiguous()
 

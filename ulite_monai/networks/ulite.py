@@ -166,7 +166,10 @@ class ULiteBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pw1(x)
-        x = torch.cat([x] + [branch(x) for branch in self.branches], dim=1)
+        parts = [x]
+        for branch in self.branches:
+            parts.append(branch(x))
+        x = torch.cat(parts, dim=1)
         return self.act(self.pw2(self.norm(x)))
 
 
@@ -244,28 +247,20 @@ class ULite(nn.Module):
         self.conv_out = conv_type(features[0], out_channels, kernel_size=1)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != self.spatial_dims + 2:
-            raise ValueError(
-                f"ULite(spatial_dims={self.spatial_dims}) expects a {self.spatial_dims + 2}-d input "
-                f"(batch, channel, {self.spatial_dims} spatial dims), got shape {tuple(x.shape)}."
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"ULite(in_channels={self.in_channels}) got an input with {x.shape[1]} channels "
-                f"(shape {tuple(x.shape)}); check the channel dim of your data (EnsureChannelFirst, RGB/grey)."
-            )
+        check_input(x, self.spatial_dims, self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x, crop = pad_to_divisible(x, self.divisor, self.pad_mode)
         x = self.conv_in(x)
-        skips = []
+        skips: list[torch.Tensor] = []
         for enc in self.encoders:
             x, skip = enc(x)
             skips.append(skip)
         x = self.bottleneck(x)
-        for dec, skip in zip(self.decoders, reversed(skips)):
-            x = dec(x, skip)
+        n = len(skips)
+        for i, dec in enumerate(self.decoders):
+            x = dec(x, skips[n - 1 - i])
         return crop_to(self.conv_out(x), crop)
 
     def fuse(self, channels_last: bool = True) -> nn.Module:
@@ -275,23 +270,39 @@ class ULite(nn.Module):
         return fuse_ulite(self, channels_last=channels_last)
 
 
+def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
+    """Raise a clear error when ``x`` is not ``(batch, in_channels, *spatial)`` with ``spatial_dims`` dims."""
+    if x.dim() != spatial_dims + 2:
+        raise ValueError(
+            "ULite(spatial_dims=" + str(spatial_dims) + ") expects a (batch, channel, " + str(spatial_dims)
+            + " spatial dims) input, got shape " + str(x.shape) + "."
+        )
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            "ULite(in_channels=" + str(in_channels) + ") got an input with " + str(x.shape[1])
+            + " channels (shape " + str(x.shape) + "); check the channel dim of your data "
+            "(EnsureChannelFirst, RGB or greyscale)."
+        )
+
+
 def pad_to_divisible(x: torch.Tensor, divisor: int, mode: str = "constant") -> tuple[torch.Tensor, list[int]]:
     """Pad the spatial dims of ``x`` (symmetrically, extra voxel at the end) up to multiples of ``divisor``.
 
     Returns the padded tensor and the list ``[start_0, size_0, start_1, size_1, ...]`` to crop back.
     """
-    spatial = x.shape[2:]
     pads: list[int] = []
     crop: list[int] = []
-    for size in spatial:
+    smallest = x.shape[2]
+    for size in x.shape[2:]:
         total = (divisor - size % divisor) % divisor
         before = total // 2
         crop += [before, size]
         pads = [before, total - before] + pads  # F.pad takes the last dim first
-    if any(p > 0 for p in pads):
-        if mode == "reflect" and max(pads) >= min(spatial):
-            mode = "replicate"  # reflection needs more voxels than the pad width
-        x = F.pad(x, pads, mode=mode)
+        smallest = min(smallest, size)
+    # no branch on the pad sizes: keeps TorchScript/ONNX/torch.export graphs shape-generic
+    if mode == "reflect" and max(pads) >= smallest:
+        mode = "replicate"  # reflection needs more voxels than the pad width
+    x = F.pad(x, pads, mode=mode)
     return x, crop
 
 

@@ -1,0 +1,101 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""Export U-Lite for deployment: TorchScript and ONNX (dynamic batch and spatial axes)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ulite_monai.networks.fusion import inference_network
+
+__all__ = ["export_torchscript", "export_onnx", "onnx_session"]
+
+
+def _atomic_target(path: str | os.PathLike) -> tuple[str, str]:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    return path, tmp
+
+
+def export_torchscript(net: nn.Module, path: str | os.PathLike, fuse: bool = True) -> torch.jit.ScriptModule:
+    """Script ``net`` (fused for inference by default) and save it atomically to ``path``."""
+    model = inference_network(net, fuse=fuse)
+    scripted = torch.jit.script(model)
+    path, tmp = _atomic_target(path)
+    try:
+        scripted.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return scripted
+
+
+def export_onnx(
+    net: nn.Module,
+    path: str | os.PathLike,
+    spatial_size: tuple[int, ...] | None = None,
+    fuse: bool = True,
+    opset_version: int = 18,
+    input_name: str = "image",
+    output_name: str = "pred",
+) -> str:
+    """Export ``net`` to ONNX with dynamic batch and spatial axes (``torch.onnx`` dynamo exporter).
+
+    Args:
+        net: a ULite (fused before export by default) or any network with ``spatial_dims``/``in_channels``.
+        path: the ``.onnx`` file to write (atomically).
+        spatial_size: example spatial size used for tracing (default 64 per dim); any size works afterwards.
+        fuse: export the fused inference network.
+        opset_version: ONNX opset (>= 17).
+    """
+    if opset_version < 17:
+        raise ValueError(f"opset_version must be >= 17, got {opset_version}.")
+    model = inference_network(net, fuse=fuse)
+    dims = int(getattr(model, "spatial_dims", 2))
+    in_ch = int(getattr(model, "in_channels", 1))
+    size = tuple(spatial_size) if spatial_size is not None else (64,) * dims
+    # batch 2 and unequal sizes so the exporter cannot specialise a dim to a constant
+    example = torch.randn(2, in_ch, *[s + 32 * i for i, s in enumerate(size)])
+    names = ["d", "h", "w"][-dims:] if dims <= 3 else [f"s{i}" for i in range(dims)]
+    dynamic = {0: torch.export.Dim("batch")}
+    for i, n in enumerate(names):
+        dynamic[2 + i] = torch.export.Dim(n, min=1)
+    path, tmp = _atomic_target(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset_version,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes={"x": dynamic},
+                verbose=False,
+            )
+        prog.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU inference session for an exported model."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
