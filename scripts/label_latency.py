@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Infer latency of the U-Lite MONAI Label server, measured end to end through the real client.
+
+Starts ``ulite_monai.label.serve`` on 127.0.0.1 (a free port) over a studies folder holding the given images,
+sends one warm-up and ``--repeat`` timed infer requests per image, and prints client wall time and the
+server's own stage latencies (pre-processing, inferer, post-processing, writer). Run with the project python;
+the server and client run in the Label environment (``make label-venv``).
+
+    .venv/bin/python scripts/label_latency.py                                     # a demo volume
+    .venv/bin/python scripts/label_latency.py --image ../shared/data/real/lung2_image.nrrd
+    .venv/bin/python scripts/label_latency.py --image a.nii.gz --image b.nrrd --repeat 5 --json out.json
+
+Weights: the bundle's ``models/model.pt`` when present, else freshly initialised ones (latency does not depend
+on the weight values; the output says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from ulite_monai.label.testing import REPO, LabelServer, label_env_problem, run_label_python
+
+
+def _image_id(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _demo_volume(folder: Path) -> Path:
+    from ulite_monai.data.demo import ensure_demo_dataset
+
+    datalist = json.loads(Path(ensure_demo_dataset(folder)).read_text())
+    return (folder / datalist["testing"][0]["image"]).resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", action="append", default=[], help="NIfTI/NRRD volume (repeatable); default: a demo volume")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--bundle", default=str(REPO / "bundles" / "ulite"))
+    p.add_argument("--configs", default="", help="comma-separated config overrides for the app")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    problem = label_env_problem()
+    if problem:
+        sys.exit(problem)
+
+    with tempfile.TemporaryDirectory(prefix="ulite_label_latency_") as tmp:
+        tmp = Path(tmp)
+        images = [Path(i).resolve() for i in args.image] or [_demo_volume(tmp / "demo")]
+        studies = tmp / "studies"
+        studies.mkdir()
+        for img in images:
+            if not img.is_file():
+                sys.exit(f"--image {img}: no such file")
+            (studies / img.name).symlink_to(img)
+
+        conf = {"bundle": args.bundle}
+        if args.configs:
+            conf["configs"] = args.configs
+        srv = LabelServer(str(studies), tmp / "srv", conf=conf)
+        srv.model_dir.mkdir(parents=True)
+        bundle_model = Path(args.bundle) / "models" / "model.pt"
+        weights = str(bundle_model) if bundle_model.is_file() else "freshly initialised (no bundle checkpoint)"
+        if not bundle_model.is_file():
+            run_label_python(
+                "import sys, torch\n"
+                "from ulite_monai.label.lib.bundle import BundleSource\n"
+                "net = BundleSource(sys.argv[1], sys.argv[2] or None).parser('inference').get_parsed_content('network_def')\n"
+                "torch.save(net.state_dict(), sys.argv[3])\n",
+                args.bundle, args.configs, str(srv.model_dir / "ulite.pt"),
+            )
+
+        report = {"host": platform.node(), "cpus": os.cpu_count(), "weights": weights, "images": []}
+        with srv:
+            for img in images:
+                iid = _image_id(img)
+                srv.client("infer", iid, "--out", str(tmp / "warmup"))  # first request loads the network
+                runs = [srv.client("infer", iid, "--out", str(tmp / f"out_{k}")) for k in range(args.repeat)]
+                lat = [r["result"].get("latencies", {}) for r in runs]
+                entry = {
+                    "image": str(img),
+                    "client_s": [round(r["seconds"], 3) for r in runs],
+                    "client_median_s": round(statistics.median(r["seconds"] for r in runs), 3),
+                }
+                for stage in ("pre", "infer", "invert", "post", "write", "total"):
+                    vals = [float(v[stage]) for v in lat if stage in v]
+                    if vals:
+                        entry[f"server_{stage}_median_s"] = round(statistics.median(vals), 3)
+                report["images"].append(entry)
+
+    print(f"U-Lite MONAI Label infer latency (CPU, {report['cpus']} cores; weights: {weights})")
+    print(f"{'image':<40} {'client median s':>16} {'server pre':>11} {'infer':>8} {'post':>8} {'write':>8}")
+    for e in report["images"]:
+        print(f"{Path(e['image']).name:<40} {e['client_median_s']:>16.2f} {e.get('server_pre_median_s', 0):>11.2f} "
+              f"{e.get('server_infer_median_s', 0):>8.2f} {e.get('server_post_median_s', 0):>8.2f} "
+              f"{e.get('server_write_median_s', 0):>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""MONAI Label infer task for U-Lite, built from the bundle's ``inference.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import Compose, LoadImaged, SaveImaged
+
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.transform.post import Restored
+from monailabel.transform.pre import LoadImageTensord
+
+from .bundle import BundleSource
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ULiteInfer", "load_state_dict", "file_digest"]
+
+
+def file_digest(path: str, n: int = 16) -> str:
+    """First ``n`` hex digits of the file's SHA-256 (reported with each result, so clients see which weights ran)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint: a plain state dict or ``{"model": state_dict, ...}`` (bundle CheckpointSaver).
+
+    Loaded with ``weights_only=True``: a checkpoint that needs arbitrary code to unpickle is refused.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused, truncated file, not a torch file
+        raise MONAILabelException(
+            MONAILabelError.INFERENCE_ERROR,
+            f"Cannot load checkpoint {path} with weights_only=True ({type(e).__name__}: {e}). "
+            "Save a plain state dict (torch.save(net.state_dict(), path)) or retrain.",
+        ) from e
+    for key in ("model", "network", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise MONAILabelException(
+            MONAILabelError.INFERENCE_ERROR, f"{path} holds no state dict (expected tensors by parameter name)."
+        )
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+
+
+class ULiteInfer(BasicInferTask):
+    """Segmentation with U-Lite, running the bundle's ``preprocessing``, ``inferer`` and ``postprocessing``.
+
+    Args:
+        bundle: the bundle (and config overrides) to serve.
+        model_dir: where the app's train task publishes ``<name>.pt``; that checkpoint, when present, wins over
+            the bundle's own ``models/model.pt``.
+        name: model name in MONAI Label (``ulite``), also the checkpoint file name.
+        fuse: run the fused (BatchNorm-folded) network, as every inference path of the project does by default.
+        preload: load the network when the app starts rather than on the first request.
+    """
+
+    def __init__(
+        self,
+        bundle: BundleSource,
+        model_dir: str,
+        name: str = "ulite",
+        fuse: bool = True,
+        preload: bool = False,
+        **kwargs: Any,
+    ):
+        self.bundle = bundle
+        self.parser = bundle.parser("inference")
+        self.fuse = fuse
+        self._lock = threading.Lock()
+        network = self.parser.get_parsed_content("network_def", instantiate=True)
+        spatial_dims = bundle.spatial_dims(self.parser)
+        paths = [
+            os.path.join(bundle.bundle_dir, "models", "model.pt"),
+            os.path.join(model_dir, f"{name}.pt"),
+        ]
+        super().__init__(
+            path=paths,
+            network=network,
+            type=InferType.SEGMENTATION,
+            labels=bundle.labels,
+            dimension=spatial_dims,
+            description=f"U-Lite {spatial_dims}D segmentation ({bundle.description})",
+            input_key=bundle.image_key,
+            output_label_key=bundle.pred_key,
+            load_strict=True,
+            preload=preload,
+            **kwargs,
+        )
+
+    # --- the pipeline, from the bundle ----------------------------------------------------------------------------
+    def _parsed_list(self, key: str) -> list[Callable]:
+        if key not in self.parser:
+            return []
+        content = self.parser.get_parsed_content(key, instantiate=True, lazy=False)
+        return list(content.transforms) if isinstance(content, Compose) else list(content)
+
+    def pre_transforms(self, data: Any = None) -> Sequence[Callable]:
+        pre = []
+        for t in self._parsed_list("preprocessing"):
+            # MONAI Label sessions may hand over an already loaded array; the wrapper loads paths as before.
+            pre.append(LoadImageTensord(keys=t.keys, load_image_d=t) if isinstance(t, LoadImaged) else t)
+        return pre
+
+    def inferer(self, data: Any = None) -> Inferer:
+        if "inferer" not in self.parser:
+            return SimpleInferer()
+        return self.parser.get_parsed_content("inferer", instantiate=True, lazy=False)
+
+    def inverse_transforms(self, data: Any = None) -> None:
+        return None  # the bundle's postprocessing inverts the preprocessing itself (Invertd)
+
+    def post_transforms(self, data: Any = None) -> Sequence[Callable]:
+        # The server writes the result itself; the bundle's SaveImaged would leave copies on disk.
+        post = [t for t in self._parsed_list("postprocessing") if not isinstance(t, SaveImaged)]
+        post.append(Restored(keys=self.output_label_key, ref_image=self.input_key))
+        return post
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    def _get_network(self, device: str, data: Any) -> torch.nn.Module:
+        path = self.get_path()
+        if not path:
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR,
+                f"No checkpoint for U-Lite: neither {self.path[0]} nor {self.path[-1]} exists. "
+                "Train the model first (POST /train/ulite, or the Train button of your client) or train the bundle "
+                "(make demo) so that bundles/ulite/models/model.pt exists.",
+            )
+        mtime = os.stat(path).st_mtime_ns
+        with self._lock:
+            cached = self._networks.get(device)
+            if cached and cached[1] == (path, mtime):
+                return cached[0]
+            network = self._build(path).to(torch.device(device))
+            self._networks[device] = (network, (path, mtime), file_digest(path))
+            logger.info(f"U-Lite weights loaded from {path} on {device}")
+            return network
+
+    def _build(self, path: str) -> torch.nn.Module:
+        network = self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+        state = load_state_dict(path)
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR,
+                f"Checkpoint {path} does not fit the bundle's network_def ({e}). "
+                "Was it trained with other config overrides (2D/3D, channels, labels)?",
+            ) from e
+        network.eval()
+        if self.fuse:
+            try:
+                from ulite_monai.networks import inference_network
+            except ImportError:  # older package without fusion: plain eval-mode network
+                return network
+            network = inference_network(network, fuse=True)
+        return network
+
+    def writer(self, data: dict, extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+        result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
+        cached = self._networks.get(data.get("device"))
+        if cached:
+            result_json = dict(result_json or {})
+            result_json["checkpoint"] = cached[1][0]
+            result_json["checkpoint_sha256"] = cached[2]
+        return result_file, result_json

@@ -1,0 +1,198 @@
+"""MONAI Label train task for U-Lite: the bundle's ``train.json`` run on the datastore's labelled images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+from monai.bundle import ConfigWorkflow
+from monai.data import partition_dataset
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.generic import device_list, name_to_device
+
+from .bundle import BundleSource
+from .infers import load_state_dict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ULiteTrain"]
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_json(obj: Any, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class ULiteTrain(TrainTask):
+    """Fine-tune (or train from scratch) U-Lite on the labelled images of the datastore.
+
+    The bundle's ``train.json`` (with the app's config overrides) runs unchanged as a MONAI
+    :class:`ConfigWorkflow`; this task only swaps in the datalist from the datastore, the epoch budget, the
+    device and an output folder under ``model_dir``. The best checkpoint (or, without validation data, the last
+    weights) is published atomically as ``model_dir/<name>.pt``, which the infer task picks up on its next request.
+
+    Args:
+        bundle: the bundle (and config overrides).
+        model_dir: where ``<name>.pt``, ``<name>_train_stats.json`` and the run folders go.
+        name: model name in MONAI Label.
+        pretrained_paths: checkpoints to start from, the last existing one wins (``pretrained`` option).
+    """
+
+    def __init__(self, bundle: BundleSource, model_dir: str, name: str = "ulite", pretrained_paths=()):
+        super().__init__(f"Train U-Lite with the bundle's train.json ({bundle.description})")
+        self.bundle = bundle
+        self.model_dir = model_dir
+        self.name = name
+        self.pretrained_paths = list(pretrained_paths)
+        bundle.config_files("train")  # fail at start, not at the first train request, when train.json is missing
+
+    @property
+    def published_path(self) -> str:
+        return os.path.join(self.model_dir, f"{self.name}.pt")
+
+    @property
+    def stats_path(self) -> str:
+        return os.path.join(self.model_dir, f"{self.name}_train_stats.json")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "device": device_list(),
+            "max_epochs": 10,
+            "val_split": 0.2,
+            "pretrained": True,
+            "seed": 0,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        if os.path.isfile(self.stats_path):
+            with open(self.stats_path) as f:
+                return json.load(f)
+        return {}
+
+    def _datalist(self, datastore: Datastore, request: dict) -> tuple[list[dict], list[dict]]:
+        records = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d and d.get("label")]
+        if not records:
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT,
+                "No labelled images in the datastore: save at least one final label before training.",
+            )
+        val_split = float(request.get("val_split", 0.2))
+        if val_split > 0 and len(records) >= 2:
+            n_val = max(1, int(round(len(records) * val_split)))
+            train, val = partition_dataset(
+                records, ratios=[len(records) - n_val, n_val], shuffle=True, seed=int(request.get("seed", 0))
+            )
+        else:
+            train, val = records, []
+        return train, val
+
+    def _start_weights(self, request: dict) -> str | None:
+        if not request.get("pretrained", True):
+            return None
+        existing = [p for p in [*self.pretrained_paths, self.published_path] if os.path.isfile(p)]
+        return existing[-1] if existing else None
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        t0 = time.time()
+        os.makedirs(self.model_dir, exist_ok=True)
+        train_ds, val_ds = self._datalist(datastore, request)
+        max_epochs = int(request.get("max_epochs", 10))
+        device = name_to_device(request.get("device"))
+        run_dir = tempfile.mkdtemp(prefix=f"{self.name}_run_", dir=self.model_dir)
+        logger.info(f"Train {self.name}: {len(train_ds)} train / {len(val_ds)} val records, {max_epochs} epochs, "
+                    f"device {device}, run folder {run_dir}")
+
+        overrides: dict[str, Any] = {
+            "train#dataset#data": train_ds,
+            "train#trainer#max_epochs": max_epochs,
+            "device": f"$torch.device('{device}')",
+        }
+        # outputs of the bundle go to the run folder, never into the bundle itself
+        for key in ("ckpt_dir", "output_dir", "log_dir"):
+            overrides[key] = os.path.join(run_dir, key.removesuffix("_dir"))
+        if val_ds:
+            overrides["validate#dataset#data"] = val_ds
+        extra = request.get("bundle_overrides") or {}
+        if isinstance(extra, str):
+            extra = json.loads(extra)
+        overrides.update(extra)
+
+        workflow = ConfigWorkflow(
+            config_file=self.bundle.config_files("train"),
+            meta_file=self.bundle.meta_file,
+            workflow_type="train",
+            **{"bundle_root": str(self.bundle.bundle_dir)},
+        )
+        for k, v in overrides.items():
+            workflow.parser[k] = v
+        if not val_ds:
+            self._drop_validation(workflow)
+        workflow.initialize()
+
+        network = workflow.parser.get_parsed_content("network")
+        start = self._start_weights(request)
+        if start:
+            network.load_state_dict(load_state_dict(start), strict=True)
+            logger.info(f"Starting from {start}")
+        workflow.run()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        best = self._best_checkpoint(overrides["ckpt_dir"]) if val_ds else None
+        state = load_state_dict(best) if best else {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        _atomic_save(state, self.published_path)
+        workflow.finalize()
+
+        evaluator = workflow.parser.get_parsed_content("validate#evaluator") if val_ds else None
+        stats = {
+            "model": self.name,
+            "checkpoint": self.published_path,
+            "start_weights": start,
+            "epochs": int(trainer.state.epoch),
+            "train_records": len(train_ds),
+            "val_records": len(val_ds),
+            "best_metric": float(evaluator.state.best_metric) if evaluator is not None else None,
+            "best_metric_epoch": int(evaluator.state.best_metric_epoch) if evaluator is not None else None,
+            "published_from": best or "last weights",
+            "total_time_s": round(time.time() - t0, 2),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        _atomic_json(stats, self.stats_path)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        logger.info(f"Train {self.name} finished: {stats}")
+        return stats
+
+    @staticmethod
+    def _best_checkpoint(ckpt_dir: str) -> str | None:
+        if not os.path.isdir(ckpt_dir):
+            return None
+        files = sorted((os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir) if f.endswith(".pt")),
+                       key=os.path.getmtime)
+        return files[-1] if files else None
+
+    @staticmethod
+    def _drop_validation(workflow: ConfigWorkflow) -> None:
+        """Without validation records, remove the ValidationHandler so training runs on its own."""
+        handlers = workflow.parser.get("train#handlers", [])
+        kept = [h for h in handlers if "ValidationHandler" not in str(h.get("_target_", ""))]
+        workflow.parser["train#handlers"] = kept

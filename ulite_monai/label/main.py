@@ -1,0 +1,75 @@
+"""MONAI Label app serving U-Lite from the project's bundle.
+
+Start it with ``make label-server`` or::
+
+    .venv-label/bin/python -m ulite_monai.label.serve --studies /path/to/nifti/folder
+    # which runs: monailabel start_server --app ulite_monai/label --studies ... --host 127.0.0.1
+
+Options (``--conf KEY VALUE`` of ``monailabel start_server``):
+
+- ``bundle``: bundle folder (default: ``bundles/ulite`` of this source tree).
+- ``configs``: comma-separated config files merged onto the bundle's inference.json and train.json,
+  e.g. ``configs/ulite_2d_paper.json`` for a 2D model.
+- ``model_dir``: where trained checkpoints are published (default: ``model/`` in this app folder).
+- ``fuse``: ``true`` (default) runs the BatchNorm-folded network for inference.
+- ``preload``: ``true`` loads the weights at start.
+
+Nothing is downloaded: the network, configs and weights are local.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict
+
+import monailabel
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import strtobool
+
+from ulite_monai.label.lib.bundle import BundleSource
+from ulite_monai.label.lib.infers import ULiteInfer
+from ulite_monai.label.lib.trainers import ULiteTrain
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "ulite"
+
+
+class ULiteApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.bundle = BundleSource(conf.get("bundle") or None, conf.get("configs") or None)
+        self.model_dir = os.path.abspath(conf.get("model_dir") or os.path.join(app_dir, "model"))
+        os.makedirs(self.model_dir, exist_ok=True)
+        logger.info(f"U-Lite bundle: {self.bundle.bundle_dir}; overrides: {self.bundle.overrides}; "
+                    f"trained checkpoints: {self.model_dir}")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=f"U-Lite ({monailabel.__version__})",
+            description="U-Lite lightweight axial depthwise U-Net, served from the ulite MONAI bundle",
+            version=self.bundle.version or "0",
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        infer = ULiteInfer(
+            self.bundle,
+            self.model_dir,
+            name=MODEL_NAME,
+            fuse=strtobool(self.conf.get("fuse", "true")),
+            preload=strtobool(self.conf.get("preload", "false")),
+        )
+        return {MODEL_NAME: infer}
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        bundle_model = os.path.join(self.bundle.bundle_dir, "models", "model.pt")
+        return {MODEL_NAME: ULiteTrain(self.bundle, self.model_dir, name=MODEL_NAME, pretrained_paths=[bundle_model])}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"random": Random(), "first": First()}

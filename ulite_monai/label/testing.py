@@ -1,0 +1,252 @@
+"""Helpers to drive a real MONAI Label server and Orthanc on loopback (tests, latency script).
+
+Runs from the project environment: everything that needs monailabel runs as a subprocess with the Label
+environment's python (``.venv-label/bin/python``), so this module imports neither monailabel nor torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+ORTHANC_DICOMWEB_PLUGINS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/libOrthancDicomWeb.so",
+)
+
+
+def label_python() -> Path:
+    """The Label environment's python: ``$ULITE_LABEL_PYTHON`` or ``.venv-label/bin/python`` of this tree."""
+    return Path(os.environ.get("ULITE_LABEL_PYTHON", REPO / ".venv-label" / "bin" / "python"))
+
+
+def label_env_problem() -> str | None:
+    """``None`` when the Label environment can run the app, else what is missing and how to make it."""
+    py = label_python()
+    if not py.exists():
+        return f"{py} not found: run `make label-venv`"
+    probe = subprocess.run(
+        [str(py), "-c", "import monailabel, ulite_monai.label.lib.infers"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"{py} cannot import monailabel / ulite_monai.label: {probe.stderr.strip()[-400:]} (make label-venv)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
+              timeout: float = 30) -> Any:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        body = r.read()
+    return json.loads(body) if body else None
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process we started, by its own PID: SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+class LabelServer:
+    """``python -m ulite_monai.label.serve`` on 127.0.0.1 with a free port; a context manager.
+
+    Args:
+        studies: NIfTI folder or DICOMweb URL.
+        workdir: where the log and the app's ``model_dir`` go.
+        conf: extra ``--conf`` pairs (``bundle``, ``configs``, ...).
+        env: extra environment variables for the server.
+    """
+
+    def __init__(self, studies: str, workdir: Path, conf: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None, start_timeout: float = 180):
+        self.studies = studies
+        self.workdir = Path(workdir)
+        self.model_dir = self.workdir / "model"
+        self.conf = {"model_dir": str(self.model_dir), **(conf or {})}
+        self.env = env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.workdir / "server.log"
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        cmd = [str(label_python()), "-m", "ulite_monai.label.serve", "--studies", self.studies, "--port", str(self.port)]
+        for k, v in self.conf.items():
+            cmd += ["--conf", k, v]
+        return cmd
+
+    def start(self) -> "LabelServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        env.pop("PYTHONPATH", None)
+        with open(self.log, "wb") as log:
+            # own session: the server's subprocesses (training) stay in its process group
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         env=env, start_new_session=True)
+        deadline = time.time() + self.start_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"MONAI Label server exited with {self.proc.returncode}:\n{_tail(self.log)}")
+            try:
+                http_json(self.url + "/info/", timeout=5)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"MONAI Label server not up after {self.start_timeout} s:\n{_tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def log_tail(self) -> str:
+        return _tail(self.log)
+
+    def client(self, *args: str, timeout: float = 600) -> Any:
+        """Run ``ulite_monai.label.lib.client`` (the real MONAILabelClient) in the Label environment; its JSON."""
+        cmd = [str(label_python()), "-m", "ulite_monai.label.lib.client", "--server", self.url, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir)
+        if r.returncode != 0:
+            raise RuntimeError(
+                f"client {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n"
+                f"--- server log ---\n{self.log_tail()}"
+            )
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def __enter__(self) -> "LabelServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def run_label_python(code: str, *args: str, timeout: float = 300) -> str:
+    """Run a snippet in the Label environment; its stdout (raises with stderr on failure)."""
+    r = subprocess.run([str(label_python()), "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"label python failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def orthanc_problem() -> str | None:
+    if shutil.which("Orthanc") is None:
+        return "Orthanc not installed: apt-get install -y orthanc orthanc-dicomweb"
+    if not any(os.path.exists(p) for p in ORTHANC_DICOMWEB_PLUGINS):
+        return "Orthanc DICOMweb plugin not installed: apt-get install -y orthanc-dicomweb"
+    return None
+
+
+class Orthanc:
+    """Orthanc with the DICOMweb plugin on a free loopback port, storage in ``workdir``; a context manager."""
+
+    def __init__(self, workdir: Path, start_timeout: float = 60):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.log = self.workdir / "orthanc.log"
+
+    def start(self) -> "Orthanc":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        plugin = next(p for p in ORTHANC_DICOMWEB_PLUGINS if os.path.exists(p))
+        config = {
+            "Name": "ulite-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "HttpPort": self.port,
+            "HttpServerEnabled": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": False,
+            "DicomPort": free_port(),
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir)
+        deadline = time.time() + self.start_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{_tail(self.log)}")
+            try:
+                http_json(self.url + "/system", timeout=5)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Orthanc not up after {self.start_timeout} s:\n{_tail(self.log)}")
+
+    def upload(self, files: Sequence[Path]) -> None:
+        for f in files:
+            http_json(self.url + "/instances", method="POST", data=Path(f).read_bytes(),
+                      headers={"Content-Type": "application/dicom"})
+
+    def instances(self) -> list[dict]:
+        """Every stored instance with its main tags (Modality, SOPClassUID, series)."""
+        out = []
+        for iid in http_json(self.url + "/instances"):
+            tags = http_json(f"{self.url}/instances/{iid}/simplified-tags")
+            out.append(tags)
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def __enter__(self) -> "Orthanc":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def ci_requires(problem: str | None) -> None:
+    """Skip locally when an optional tool is missing, but fail under CI=true, where it must be installed."""
+    if problem is None:
+        return
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+if __name__ == "__main__":  # pragma: no cover - quick manual check
+    print(label_env_problem() or "label environment OK", file=sys.stderr)
