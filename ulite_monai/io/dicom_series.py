@@ -217,6 +217,21 @@ def _frames_from_header(ds: Dataset, path: str) -> list[DicomFrame]:
     return frames
 
 
+def _read_header(path: str) -> Dataset:
+    """Header only; files without the 128-byte preamble are accepted when they parse as DICOM with UIDs."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ok = "SOPClassUID" in ds and "SOPInstanceUID" in ds and str(ds.SOPClassUID).startswith("1.2.")
+        except Exception:
+            ok = False
+        if not ok:
+            raise
+        return ds
+
+
 def _is_volume_file(name: str) -> bool:
     low = name.lower()
     return any(low.endswith(s) for s in VOLUME_FILE_SUFFIXES)
@@ -251,9 +266,9 @@ def discover_inputs(root: str | os.PathLike, follow_symlinks: bool = False) -> D
             volumes.append(sp)
             continue
         try:
-            ds = pydicom.dcmread(sp, stop_before_pixels=True)
+            ds = _read_header(sp)
         except InvalidDicomError:
-            skipped.append(SkippedInput(sp, "not a DICOM file (no DICM preamble)"))
+            skipped.append(SkippedInput(sp, "not a DICOM file"))
             continue
         except Exception as e:  # truncated header, bad VR, unreadable file
             skipped.append(SkippedInput(sp, f"unreadable DICOM header ({type(e).__name__}: {e}); re-export the file"))
@@ -265,7 +280,9 @@ def discover_inputs(root: str | os.PathLike, follow_symlinks: bool = False) -> D
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         if not study_uid or not series_uid or "SOPInstanceUID" not in ds:
-            skipped.append(SkippedInput(sp, "DICOM file without Study/Series/SOP Instance UID"))
+            skipped.append(
+                SkippedInput(sp, "DICOM header without Study/Series/SOP Instance UID (truncated or incomplete file)")
+            )
             continue
         if sop_class not in IMAGE_SOP_CLASSES:
             name = UID(sop_class).name if sop_class else "no SOPClassUID"
