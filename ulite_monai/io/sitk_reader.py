@@ -1,0 +1,194 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""A SimpleITK :class:`monai.data.ImageReader` for ``LoadImage``/``LoadImaged``.
+
+MONAI ships an ITK-Python reader but none for SimpleITK. This one opens everything SimpleITK
+opens (NIfTI, NRRD, MHA/MHD, ...) and DICOM series folders (GDCM sorts the slices along the
+slice normal, so left-handed and reversed stacks come out in the right physical order).
+
+Geometry: SimpleITK reports direction/origin in LPS. The reader converts the affine to RAS
+(``affine_lps_to_ras=True``, the MONAI default) here, so the pipeline works in RAS and
+``SaveImage`` writes NIfTI with the source geometry. Arrays are returned in (x, y, z) index
+order (SimpleITK's numpy view is (z, y, x) and is transposed), matching MONAI's other readers.
+
+Example::
+
+    LoadImaged(keys="image", reader="ulite_monai.io.sitk_reader.SITKReader")
+    LoadImaged(keys="image", reader=SITKReader(series_uid="1.2.3..."))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from monai.data import ImageReader
+from monai.data.image_reader import _copy_compatible_dict, _stack_images
+from monai.data.utils import orientation_ras_lps
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+__all__ = ["SITKReader", "read_sitk_image", "SUPPORTED_SUFFIXES"]
+
+SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".ima")
+
+
+def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, pixel_type=None):
+    """Read one file or one DICOM series folder with SimpleITK; errors name the path.
+
+    Args:
+        path: image file, or a folder holding one DICOM series (or several: then ``series_uid``).
+        series_uid: SeriesInstanceUID to pick when a folder holds more than one series.
+        pixel_type: optional SimpleITK pixel type to read as (e.g. ``sitk.sitkFloat32``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or a folder holds no DICOM series.
+        ValueError: a folder holds several series and ``series_uid`` does not pick one.
+        RuntimeError: SimpleITK cannot read the file (corrupt or unsupported).
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image not found: {p}. Check the path in the datalist or the input argument.")
+    kwargs = {} if pixel_type is None else {"outputPixelType": pixel_type}
+    if p.is_dir():
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)) or ())
+        if not ids:
+            raise FileNotFoundError(
+                f"no DICOM series found in folder {p}: give a folder of DICOM slices of one series, "
+                "or an image file (NIfTI, NRRD, MHA)."
+            )
+        if series_uid is not None:
+            if series_uid not in ids:
+                raise ValueError(f"series {series_uid} not found in {p}; series present: {ids}.")
+            uid = series_uid
+        elif len(ids) == 1:
+            uid = ids[0]
+        else:
+            raise ValueError(
+                f"folder {p} holds {len(ids)} DICOM series {ids}: pass series_uid=... to the reader "
+                "or put each series in its own folder (see ulite_monai.io series selection)."
+            )
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), uid)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        if pixel_type is not None:
+            reader.SetOutputPixelType(pixel_type)
+        try:
+            img = reader.Execute()
+        except RuntimeError as e:
+            raise RuntimeError(f"cannot read DICOM series {uid} in {p}: {str(e).strip().splitlines()[-1]}") from e
+        img.SetMetaData("series_uid", uid)
+        return img
+    try:
+        return sitk.ReadImage(str(p), **kwargs)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        raise RuntimeError(
+            f"cannot read image file {p} ({msg[-1] if msg else 'unknown error'}): is it a complete NIfTI/NRRD/MHA/"
+            "DICOM file? Re-export or remove it from the datalist."
+        ) from e
+
+
+class SITKReader(ImageReader):
+    """Load images with SimpleITK for MONAI's ``LoadImage``.
+
+    Args:
+        channel_dim: the channel dimension of the loaded array if the image has one; ``None``
+            means multi-component images put their components last (``-1``) and scalar images have
+            no channel (``"no_channel"``).
+        series_uid: pick this SeriesInstanceUID in a folder with several DICOM series.
+        affine_lps_to_ras: convert SimpleITK's LPS geometry to RAS (MONAI's convention). Default ``True``.
+        reverse_indexing: return arrays in (x, y, z) order like MONAI's other readers. Default ``True``.
+        pixel_type: optional SimpleITK pixel type to cast to while reading.
+    """
+
+    def __init__(
+        self,
+        channel_dim: int | None = None,
+        series_uid: str | None = None,
+        affine_lps_to_ras: bool = True,
+        reverse_indexing: bool = True,
+        pixel_type=None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.series_uid = series_uid
+        self.affine_lps_to_ras = affine_lps_to_ras
+        self.reverse_indexing = reverse_indexing
+        self.pixel_type = pixel_type
+        self.kwargs = kwargs
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        """Files with a SimpleITK-readable suffix, and folders (DICOM series)."""
+        for f in ensure_tuple(filename):
+            p = Path(f)
+            name = p.name.lower()
+            if not (p.is_dir() or name.endswith(SUPPORTED_SUFFIXES)):
+                return False
+        return True
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs):
+        """Read one or several images (several are stacked as channels by ``get_data``)."""
+        series_uid = kwargs.pop("series_uid", self.series_uid)
+        imgs = [read_sitk_image(f, series_uid=series_uid, pixel_type=self.pixel_type) for f in ensure_tuple(data)]
+        return imgs if len(imgs) > 1 else imgs[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """Return ``(array, meta)``: array in (x, y, z[, c]) order, meta with RAS ``affine``."""
+        arrays: list[np.ndarray] = []
+        compatible: dict = {}
+        for i in img if isinstance(img, (list, tuple)) else [img]:  # a sitk.Image is itself iterable
+            data = self._get_array_data(i)
+            header = self._get_meta_dict(i)
+            spatial_shape = np.asarray(i.GetSize())
+            header[MetaKeys.ORIGINAL_AFFINE] = self._get_affine(i)
+            header[MetaKeys.AFFINE] = header[MetaKeys.ORIGINAL_AFFINE].copy()
+            header[MetaKeys.SPACE] = SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS
+            header[MetaKeys.SPATIAL_SHAPE] = spatial_shape
+            if self.channel_dim is None:
+                header[MetaKeys.ORIGINAL_CHANNEL_DIM] = float("nan") if i.GetNumberOfComponentsPerPixel() == 1 else -1
+            else:
+                header[MetaKeys.ORIGINAL_CHANNEL_DIM] = self.channel_dim
+            arrays.append(data)
+            _copy_compatible_dict(header, compatible)
+        return _stack_images(arrays, compatible), compatible
+
+    def _get_meta_dict(self, img) -> dict:
+        meta = {}
+        for key in img.GetMetaDataKeys():
+            if key.startswith("ITK_"):
+                continue
+            try:
+                meta[key] = img.GetMetaData(key)
+            except RuntimeError:  # non-string entries
+                continue
+        meta["spacing"] = np.asarray(img.GetSpacing())
+        return meta
+
+    def _get_affine(self, img) -> np.ndarray:
+        nd = img.GetDimension()
+        sr = min(nd, 3)
+        direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(nd, nd)[:sr, :sr]
+        spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:sr]
+        origin = np.asarray(img.GetOrigin(), dtype=np.float64)[:sr]
+        affine = np.eye(sr + 1)
+        affine[:sr, :sr] = direction @ np.diag(spacing)
+        affine[:sr, -1] = origin
+        if self.affine_lps_to_ras:
+            affine = orientation_ras_lps(affine)  # LPS <-> RAS: flip the first two world axes
+        return affine
+
+    def _get_array_data(self, img) -> np.ndarray:
+        import SimpleITK as sitk
+
+        arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
+        if not self.reverse_indexing:
+            return arr
+        nd = img.GetDimension()
+        if img.GetNumberOfComponentsPerPixel() == 1:
+            return np.ascontiguousarray(arr.transpose(tuple(range(nd - 1, -1, -1))))
+        return np.ascontiguousarray(arr.transpose(tuple(range(nd - 1, -1, -1)) + (nd,)))
