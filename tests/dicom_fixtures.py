@@ -39,12 +39,17 @@ def phantom(shape=(10, 20, 24), seed=0, centre=None, radius=5.0) -> np.ndarray:
 class ThresholdNet(torch.nn.Module):
     """Deterministic stand-in "network": two logits, foreground where the (scaled) input > threshold."""
 
-    def __init__(self, threshold: float = 0.0) -> None:
+    def __init__(self, threshold: float = 0.0, delay_s: float = 0.0) -> None:
         super().__init__()
         self.threshold = threshold
+        self.delay_s = delay_s  # lets a test kill the batch while it is busy
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
         fg = (x - self.threshold) * 10.0
         return torch.cat([torch.zeros_like(fg), fg], dim=1) + 0 * self.dummy
 
