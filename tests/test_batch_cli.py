@@ -34,7 +34,16 @@ from dicom_fixtures import (
 )
 from pydicom.data import get_testdata_file
 
+from ulite_monai.batch.cli import main
 from ulite_monai.io.dicom_write import write_dicom_series
+
+
+def run_main(args, capsys):
+    """The CLI in this process (saves an interpreter start and the torch/MONAI imports)."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
 
 
 def _require_dciodvfy():
@@ -169,28 +178,28 @@ def test_volume_file_inputs_keep_their_grid(batch_tree):
     assert "seg" not in nrrd_row["outputs"]
 
 
-def test_rerun_resumes_and_overwrite_redoes(batch_tree):
+def test_rerun_resumes_and_overwrite_redoes(batch_tree, capsys):
     out, inp, bundle = batch_tree["out"], batch_tree["in"], batch_tree["bundle"]
     before = read_manifest(out)
     ct_row = _rows_by(before, modality="CT", slices=10)[0]
     seg_path = out / ct_row["outputs"]["seg"]
     mtime = seg_path.stat().st_mtime_ns
     n_lines = len((out / "manifest.jsonl").read_text().splitlines())
-    r = run_cli([inp, out, "--bundle", bundle, "--random-weights", "--no-progress"])
-    assert r.returncode == 1  # the broken series is retried and fails again
-    assert "4 already done" in r.stdout, r.stdout
+    rc, stdout, _ = run_main([inp, out, "--bundle", bundle, "--random-weights", "--no-progress"], capsys)
+    assert rc == 1  # the broken series is retried and fails again
+    assert "4 already done" in stdout, stdout
     assert seg_path.stat().st_mtime_ns == mtime
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == n_lines + 1  # only the retried failure is recorded again
-    r = run_cli([inp / "study1" / "ct", out, "--bundle", bundle, "--random-weights", "--no-progress", "--overwrite",
-                 "--formats", "seg"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    rc, _, err = run_main([inp / "study1" / "ct", out, "--bundle", bundle, "--random-weights", "--no-progress",
+                           "--overwrite", "--formats", "seg"], capsys)
+    assert rc == 0, err[-2000:]
     assert seg_path.stat().st_mtime_ns != mtime
     row = read_manifest(out)[ct_row["key"]]
     assert row["status"] == "done" and set(row["outputs"]) == {"seg"}
 
 
-def test_sigkill_mid_batch_then_rerun_completes(tmp_path):
+def test_sigkill_mid_batch_then_rerun_completes(tmp_path, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     n = 5
     for i in range(n):
@@ -218,9 +227,9 @@ def test_sigkill_mid_batch_then_rerun_completes(tmp_path):
     assert 1 <= done_at_kill < n
     for p in out.rglob("*.seg.dcm"):  # whatever has a final name is complete
         pydicom.dcmread(p).pixel_array
-    r = run_cli([inp, out, "--bundle", bundle, "--random-weights", "--no-progress"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"{done_at_kill} already done" in r.stdout
+    rc, stdout, err = run_main([inp, out, "--bundle", bundle, "--random-weights", "--no-progress"], capsys)
+    assert rc == 0, err[-3000:]
+    assert f"{done_at_kill} already done" in stdout
     rows = read_manifest(out)
     assert sorted(r["status"] for r in rows.values()) == ["done"] * n
     assert not (out / ".tmp").exists() and not list(out.rglob(".tmp-*"))
@@ -230,13 +239,15 @@ def test_sigkill_mid_batch_then_rerun_completes(tmp_path):
         assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["outputs"]["nifti"]))).any()
 
 
-def test_cli_help_and_bad_arguments(tmp_path):
+def test_cli_help_and_bad_arguments(tmp_path, capsys):
     r = run_cli(["--help"])
     assert r.returncode == 0 and "--overwrite" in r.stdout and "--rules" in r.stdout and "--formats" in r.stdout
     (tmp_path / "in").mkdir()
-    r = run_cli([tmp_path / "in", tmp_path / "out", "--bundle", tmp_path / "nobundle", "--no-progress"])
-    assert r.returncode == 2 and "nobundle" in r.stderr and "inference.json" in r.stderr
+    rc, _, err = run_main([tmp_path / "in", tmp_path / "out", "--bundle", tmp_path / "nobundle", "--no-progress"], capsys)
+    assert rc == 2 and "nobundle" in err and "inference.json" in err
     bad_rules = tmp_path / "rules.json"
     bad_rules.write_text("[]")
-    r = run_cli([tmp_path / "in", tmp_path / "out", "--rules", bad_rules])
-    assert r.returncode == 2 and "rules.json" in r.stderr
+    rc, _, err = run_main([tmp_path / "in", tmp_path / "out", "--rules", bad_rules], capsys)
+    assert rc == 2 and "rules.json" in err
+    rc, _, err = run_main([tmp_path / "missing", tmp_path / "out"], capsys)
+    assert rc == 2 and "does not exist" in err
