@@ -1,0 +1,158 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""``python -m ulite_monai.bench`` / ``ulite-bench``: U-Lite against MONAI's segmentation networks.
+
+Modes (``--modes``, default ``speed``):
+
+- ``speed``: parameters, FLOPs, latency (bs1 median/p90), throughput (bs8, 2D), training step and peak
+  RSS in 2D (1x3x256x256) and 3D (1x1x128x128x128);
+- ``sw``: sliding-window inference of a 512x512x128 volume with the bundle's inferer settings (and a
+  sweep around them): wall time and peak RSS;
+- ``quality``: U-Lite and MONAI UNet trained for the same CPU time on the demo data; validation Dice.
+
+Writes ``benchmark.json``, ``benchmark.md`` and ``latency_vs_params.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_QUICK_MODELS = ("ulite", "ulite-fused", "ulite-onnx", "monai-unet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ulite_monai.bench.models import DEFAULT_MODELS, MODELS
+
+    p = argparse.ArgumentParser(prog="ulite-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--modes", nargs="+", default=["speed"], choices=["speed", "sw", "quality", "all"],
+                   help="what to run")
+    p.add_argument("--out", default="bench_out", help="output folder (JSON, Markdown, PNG)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, few models and repeats: a smoke run in well under a minute per mode")
+    p.add_argument("--threads", type=int, default=0, help="torch/ONNX Runtime threads (0: torch's default)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help=f"models to compare, or 'all' ({', '.join(MODELS)})")
+    g.add_argument("--dims", nargs="+", type=int, default=[2, 3], choices=[2, 3])
+    g.add_argument("--repeats", type=int, default=20, help="timed bs1 calls per model in 2D")
+    g.add_argument("--repeats-3d", type=int, default=5, help="timed bs1 calls per model in 3D")
+    g.add_argument("--warmup", type=int, default=2, help="untimed calls per model before timing")
+    g.add_argument("--throughput-batch", type=int, default=8, help="batch size of the 2D throughput run (0: off)")
+    g.add_argument("--train-batch", type=int, default=1, help="batch size of the training step")
+    g.add_argument("--no-train", action="store_true", help="skip training-step measurements")
+    g.add_argument("--size-2d", type=int, nargs=2, default=None, help="2D input size (default 256 256)")
+    g.add_argument("--size-3d", type=int, nargs=3, default=None, help="3D input size (default 128 128 128)")
+    g.add_argument("--max-model-s", type=float, default=300.0,
+                   help="wall-time cap per model and workload; a slower model is skipped and the reason recorded")
+    g.add_argument("--max-rss-gb", type=float, default=8.0, help="RSS cap per child process")
+    g = p.add_argument_group("sliding window (sw)")
+    g.add_argument("--sw-models", nargs="+", default=["ulite-fused", "monai-unet"], choices=list(MODELS))
+    g.add_argument("--sw-volume", type=int, nargs=3, default=None, help="volume size (default 512 512 128)")
+    g.add_argument("--bundle-config", default=None,
+                   help="bundle inference.json whose 'inferer' gives roi_size/sw_batch_size/overlap "
+                        "(default bundles/ulite/configs/inference.json; built-in defaults when missing)")
+    g.add_argument("--sw-roi", type=int, nargs="*", default=None, help="cubic roi edges to sweep (default 96 128 160)")
+    g.add_argument("--sw-batch", type=int, nargs="*", default=None, help="sw_batch_size values to sweep (default 1 4)")
+    g.add_argument("--sw-overlap", type=float, nargs="*", default=None, help="overlaps to sweep (default 0.25 0.5)")
+    g.add_argument("--sw-grid", action="store_true", help="sweep the full grid instead of one setting at a time")
+    g.add_argument("--sw-no-sweep", action="store_true", help="measure the bundle's settings only")
+    g = p.add_argument_group("quality at equal budget")
+    g.add_argument("--budget-s", type=float, default=300.0, help="training CPU-seconds per model")
+    g.add_argument("--quality-models", nargs="+", default=["ulite", "monai-unet"], choices=["ulite", "monai-unet"])
+    g.add_argument("--data-dir", default=".ulite_cache/bench_demo",
+                   help="demo dataset folder (generated on first use)")
+    g.add_argument("--patch", type=int, default=64, help="cubic training patch edge")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (same for every model)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from ulite_monai.bench import measure, report
+    from ulite_monai.bench.models import DEFAULT_MODELS, MODELS
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    modes = {"speed", "sw", "quality"} if "all" in args.modes else set(args.modes)
+    out = Path(args.out)
+    q = args.quick
+    models = list(args.models or (_QUICK_MODELS if q else DEFAULT_MODELS))
+    if models == ["all"]:
+        models = list(DEFAULT_MODELS)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"ulite-bench: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}.",
+              file=sys.stderr)
+        return 2
+
+    def log(msg: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    result = {
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m ulite_monai.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "quick": q,
+        "environment": report.environment(),
+        "load_average_start": measure.load_average(),
+    }
+    if "speed" in modes:
+        from ulite_monai.bench.speed import run_speed
+
+        result["speed"] = run_speed(
+            models, dims_list=args.dims,
+            repeats=3 if q else args.repeats, repeats_3d=2 if q else args.repeats_3d,
+            warmup=1 if q else args.warmup, throughput_batch=2 if q and args.throughput_batch else args.throughput_batch,
+            train_batch=max(2, args.train_batch) if q else args.train_batch, train=not args.no_train,
+            size_2d=args.size_2d or ((64, 64) if q else (256, 256)),
+            size_3d=args.size_3d or ((32, 32, 32) if q else (128, 128, 128)),
+            max_model_s=args.max_model_s, max_rss_gb=args.max_rss_gb, log=log)
+    if "sw" in modes:
+        from ulite_monai.bench.sliding import bundle_inferer_settings, run_sliding_window, sweep_settings
+
+        base, source = bundle_inferer_settings(args.bundle_config)
+        if q:
+            base = dict(base, roi_size=[32, 32, 32], sw_batch_size=1)
+            source += "; --quick: roi 32^3, sw_batch_size 1"
+        if args.sw_no_sweep:
+            settings = [base]
+        else:
+            settings = sweep_settings(
+                base,
+                rois=args.sw_roi if args.sw_roi is not None else ([] if q else [96, 128, 160]),
+                batches=args.sw_batch if args.sw_batch is not None else ([2] if q else [1, 4]),
+                overlaps=args.sw_overlap if args.sw_overlap is not None else ([] if q else [0.25, 0.5]),
+                grid=args.sw_grid)
+        result["sliding_window"] = run_sliding_window(
+            args.sw_models, volume=args.sw_volume or ((64, 64, 32) if q else (512, 512, 128)),
+            settings=settings, settings_source=source, max_model_s=args.max_model_s,
+            max_rss_gb=args.max_rss_gb, log=log)
+    if "quality" in modes:
+        from ulite_monai.bench.quality import run_quality
+
+        result["quality"] = run_quality(
+            args.quality_models, budget_cpu_s=args.budget_s if not q else min(args.budget_s, 5.0),
+            data_dir=args.data_dir, patch=16 if q else args.patch, lr=args.lr, quick=q, log=log)
+    result["load_average_end"] = measure.load_average()
+    json_path = report.write_json(result, out / "benchmark.json")
+    md_path = report.write_text(report.markdown(result), out / "benchmark.md")
+    written = [json_path, md_path]
+    if "speed" in result:
+        written.append(report.plot(result["speed"], out / "latency_vs_params.png"))
+    for path in written:
+        log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
