@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Quick CPU speed check of U-Lite's inference paths against MONAI's UNet (one run, interleaved).
+
+Prints bs1 and bs8 latency at 3x256x256 (2D, 3->1) and bs1 at 1x1x128^3 (3D, 1->2) for:
+  unfused   ULite in eval mode, NCHW, reference structure
+  default   the default inference path (fused: BN folded, axial blocks merged, channels-last)
+  onnxrt    ONNX Runtime on the exported fused network
+  monai_unet  monai.networks.nets.UNet(channels 16..256, strides 2, num_res_units 2)
+The full benchmark CLI is `python -m ulite_monai.bench`.
+
+    python scripts/bench_speed.py [--repeats 15] [--threads N] [--no-3d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def build(dims: int, in_ch: int, out_ch: int, onnx_dir: str):
+    from monai.networks.nets import UNet
+
+    from ulite_monai.networks import ULite, export_onnx, inference_network, onnx_session
+
+    torch.manual_seed(0)
+    net = ULite(dims, in_ch, out_ch).eval()
+    default = inference_network(net)  # what the bundle / batch / label paths use
+    path = export_onnx(net, os.path.join(onnx_dir, f"ulite{dims}d.onnx"))
+    sess = onnx_session(path, threads=torch.get_num_threads())
+    unet = UNet(dims, in_ch, out_ch, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2).eval()
+    return {
+        "unfused": net,
+        "default": default,
+        "onnxrt": lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]),
+        "monai_unet": unet,
+    }
+
+
+def run(models: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for fn in models.values():  # warm-up
+            fn(x)
+            fn(x)
+        for _ in range(repeats):  # interleaved: each round runs every model once
+            for name, fn in models.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-3d", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models2d = build(2, 3, 1, tmp)
+        for bs in (1, 8):
+            res = run(models2d, torch.randn(bs, 3, 256, 256), args.repeats if bs == 1 else max(3, args.repeats // 3))
+            rows.append((f"2D bs{bs} 3x256x256", res))
+        if not args.no_3d:
+            models3d = build(3, 1, 2, tmp)
+            rows.append(("3D bs1 1x128^3", run(models3d, torch.randn(1, 1, 128, 128, 128), max(3, args.repeats // 3))))
+    names = list(rows[0][1])
+    print(f"{'input':<22}" + "".join(f"{n:>12}" for n in names) + f"{'unfused/default':>17}{'unet/default':>14}")
+    for label, res in rows:
+        print(
+            f"{label:<22}" + "".join(f"{res[n]:>10.1f}ms" for n in names)
+            + f"{res['unfused'] / res['default']:>16.2f}x{res['monai_unet'] / res['default']:>13.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
