@@ -70,8 +70,15 @@ def standin_inference_config(network_def: dict | None = None, roi=(16, 16, 16)) 
                 {"_target_": "LoadImaged", "keys": "image", "reader": "ulite_monai.io.sitk_reader.SITKReader"},
                 {"_target_": "EnsureChannelFirstd", "keys": "image"},
                 {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000, "a_max": 1000, "b_min": -1.0,
-                 "b_max": 1.0, "clip": True},
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "image",
+                    "a_min": -1000,
+                    "a_max": 1000,
+                    "b_min": -1.0,
+                    "b_max": 1.0,
+                    "clip": True,
+                },
                 {"_target_": "EnsureTyped", "keys": "image"},
             ],
         },
@@ -80,11 +87,24 @@ def standin_inference_config(network_def: dict | None = None, roi=(16, 16, 16)) 
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-                 "nearest_interp": False, "to_tensor": True},
+                {
+                    "_target_": "Invertd",
+                    "keys": "pred",
+                    "transform": "@preprocessing",
+                    "orig_keys": "image",
+                    "nearest_interp": False,
+                    "to_tensor": True,
+                },
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-                 "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False},
+                {
+                    "_target_": "SaveImaged",
+                    "keys": "pred",
+                    "output_dir": "@output_dir",
+                    "output_postfix": "seg",
+                    "output_dtype": "$numpy.uint8",
+                    "resample": False,
+                    "separate_folder": False,
+                },
             ],
         },
     }
@@ -95,7 +115,13 @@ def standin_metadata(channel_def=None) -> dict:
         "name": "ulite-standin",
         "version": "0.0.1",
         "network_data_format": {
-            "outputs": {"pred": {"type": "image", "num_channels": 2, "channel_def": channel_def or {"0": "background", "1": "spleen"}}}
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "num_channels": 2,
+                    "channel_def": channel_def or {"0": "background", "1": "spleen"},
+                }
+            }
         },
     }
 
@@ -118,7 +144,11 @@ def run_cli(args: list[str], timeout: float = 240, env_extra: dict | None = None
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "ulite_monai.batch", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(REPO),
     )
 
 
@@ -148,6 +178,18 @@ def seg_frames_by_source(seg_path: Path) -> dict[str, tuple[np.ndarray, np.ndarr
         prev = out.get(src, (np.zeros(arr.shape[1:], np.uint8), pos))[0]
         out[src] = (np.maximum(prev, (arr[i] > 0).astype(np.uint8) * int(seg_no)), pos)
     return out
+
+
+def require_dciodvfy() -> None:
+    """dciodvfy (Debian package dicom3tools) must be on PATH in CI; elsewhere its absence skips."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("dciodvfy (Debian package dicom3tools) is not on PATH in CI: apt-get install dicom3tools")
+        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -28,6 +28,7 @@ from dicom_fixtures import (
     make_standin_bundle,
     phantom,
     read_manifest,
+    require_dciodvfy,
     rotation,
     run_cli,
     seg_frames_by_source,
@@ -46,13 +47,6 @@ def run_main(args, capsys):
     return rc, cap.out, cap.err
 
 
-def _require_dciodvfy():
-    if shutil.which("dciodvfy") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("dciodvfy (Debian package dicom3tools) is not on PATH in CI")
-        pytest.skip("dciodvfy (apt-get install dicom3tools) not installed")
-
-
 def _ref_image(vol, origin, spacing, direction):
     img = sitk.GetImageFromArray(vol)
     img.SetOrigin(tuple(float(v) for v in origin))
@@ -67,11 +61,19 @@ def batch_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     inp = root / "in"
     ct = phantom((10, 18, 20), seed=11)
-    ct_geo = {"origin": (-30.0, 12.0, 45.5), "spacing": (0.8, 0.75, 2.5),
-              "direction": rotation(20, -12, 33) @ np.diag([1, 1, -1])}
+    ct_geo = {
+        "origin": (-30.0, 12.0, 45.5),
+        "spacing": (0.8, 0.75, 2.5),
+        "direction": rotation(20, -12, 33) @ np.diag([1, 1, -1]),
+    }
     rng = np.random.default_rng(0)
-    ct_paths = write_dicom_series(ct, inp / "study1" / "ct", rescale=(1.0, -1024.0),
-                                  file_names=[f"{n:03d}" for n in rng.permutation(10)], **ct_geo)
+    ct_paths = write_dicom_series(
+        ct,
+        inp / "study1" / "ct",
+        rescale=(1.0, -1024.0),
+        file_names=[f"{n:03d}" for n in rng.permutation(10)],
+        **ct_geo,
+    )
     study1 = pydicom.dcmread(ct_paths[0]).StudyInstanceUID
     dark = np.full((10, 12, 12), -600, np.int16)
     write_dicom_series(dark, inp / "study1" / "mr_dark", modality="MR", study_uid=study1, series_number=2)
@@ -96,8 +98,19 @@ def batch_tree(tmp_path_factory):
     t0 = time.time()
     first = run_cli([inp, out, "--bundle", bundle, "--random-weights", "--no-progress"])
     first_s = time.time() - t0
-    return {"root": root, "in": inp, "out": out, "bundle": bundle, "ct": ct, "ct_geo": ct_geo, "ct_paths": ct_paths,
-            "nii": (nii_vol, affine), "nrrd": nrrd, "first": first, "first_s": first_s}
+    return {
+        "root": root,
+        "in": inp,
+        "out": out,
+        "bundle": bundle,
+        "ct": ct,
+        "ct_geo": ct_geo,
+        "ct_paths": ct_paths,
+        "nii": (nii_vol, affine),
+        "nrrd": nrrd,
+        "first": first,
+        "first_s": first_s,
+    }
 
 
 def _rows_by(rows, **kw):
@@ -130,7 +143,7 @@ def test_batch_statuses_and_reasons(batch_tree):
 
 
 def test_seg_and_nifti_geometry_voxel_for_voxel(batch_tree):
-    _require_dciodvfy()
+    require_dciodvfy()
     out, ct, paths = batch_tree["out"], batch_tree["ct"], batch_tree["ct_paths"]
     row = _rows_by(read_manifest(out), modality="CT", slices=10)[0]
     seg_path = out / row["outputs"]["seg"]
@@ -191,8 +204,20 @@ def test_rerun_resumes_and_overwrite_redoes(batch_tree, capsys):
     assert seg_path.stat().st_mtime_ns == mtime
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == n_lines + 1  # only the retried failure is recorded again
-    rc, _, err = run_main([inp / "study1" / "ct", out, "--bundle", bundle, "--random-weights", "--no-progress",
-                           "--overwrite", "--formats", "seg"], capsys)
+    rc, _, err = run_main(
+        [
+            inp / "study1" / "ct",
+            out,
+            "--bundle",
+            bundle,
+            "--random-weights",
+            "--no-progress",
+            "--overwrite",
+            "--formats",
+            "seg",
+        ],
+        capsys,
+    )
     assert rc == 0, err[-2000:]
     assert seg_path.stat().st_mtime_ns != mtime
     row = read_manifest(out)[ct_row["key"]]
@@ -204,12 +229,27 @@ def test_sigkill_mid_batch_then_rerun_completes(tmp_path, capsys):
     n = 5
     for i in range(n):
         write_dicom_series(phantom((12, 20, 20), seed=i), inp / f"s{i}", series_number=i + 1)
-    bundle = make_standin_bundle(tmp_path / "bundle", network_def={
-        "_target_": "dicom_fixtures.ThresholdNet", "threshold": 0.0, "delay_s": 0.25})
+    bundle = make_standin_bundle(
+        tmp_path / "bundle", network_def={"_target_": "dicom_fixtures.ThresholdNet", "threshold": 0.0, "delay_s": 0.25}
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ulite_monai.batch", str(inp), str(out), "--bundle", str(bundle), "--random-weights",
-         "--no-progress"], cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "ulite_monai.batch",
+            str(inp),
+            str(out),
+            "--bundle",
+            str(bundle),
+            "--random-weights",
+            "--no-progress",
+        ],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     manifest = out / "manifest.jsonl"
     deadline = time.time() + 120
     try:
@@ -243,7 +283,9 @@ def test_cli_help_and_bad_arguments(tmp_path, capsys):
     r = run_cli(["--help"])
     assert r.returncode == 0 and "--overwrite" in r.stdout and "--rules" in r.stdout and "--formats" in r.stdout
     (tmp_path / "in").mkdir()
-    rc, _, err = run_main([tmp_path / "in", tmp_path / "out", "--bundle", tmp_path / "nobundle", "--no-progress"], capsys)
+    rc, _, err = run_main(
+        [tmp_path / "in", tmp_path / "out", "--bundle", tmp_path / "nobundle", "--no-progress"], capsys
+    )
     assert rc == 2 and "nobundle" in err and "inference.json" in err
     bad_rules = tmp_path / "rules.json"
     bad_rules.write_text("[]")

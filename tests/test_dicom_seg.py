@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import dciodvfy_errors, phantom, rotation, seg_frames_by_source
+from dicom_fixtures import dciodvfy_errors, phantom, require_dciodvfy, rotation, seg_frames_by_source
 
 from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg
 from ulite_monai.io.dicom_series import discover_inputs, load_series_volume
 from ulite_monai.io.dicom_write import write_dicom_series
-
-
-def require_dciodvfy():
-    if shutil.which("dciodvfy") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("dciodvfy (Debian package dicom3tools) is not on PATH in CI")
-        pytest.skip("dciodvfy (apt-get install dicom3tools) not installed")
 
 
 def test_segments_from_channel_def_codes():
@@ -29,8 +19,15 @@ def test_segments_from_channel_def_codes():
     assert segs[0].type == ("78961009", "SCT", "Spleen") and segs[0].category[2] == "Anatomical Structure"
     assert segs[1].category[2] == "Morphologically Abnormal Structure"
     assert segs[2].label == "my structure" and segs[2].type[2] == "Tissue"
-    explicit = segments_from_channel_def({"1": {"label": "tumour", "type": ["108369006", "SCT", "Neoplasm"],
-                                                "category": ["49755003", "SCT", "Morphologically Abnormal Structure"]}})
+    explicit = segments_from_channel_def(
+        {
+            "1": {
+                "label": "tumour",
+                "type": ["108369006", "SCT", "Neoplasm"],
+                "category": ["49755003", "SCT", "Morphologically Abnormal Structure"],
+            }
+        }
+    )
     assert explicit[0].type == ("108369006", "SCT", "Neoplasm")
     assert [s.label for s in segments_from_channel_def({}, num_labels=2)] == ["label 1", "label 2"]
     with pytest.raises(ValueError, match="code"):

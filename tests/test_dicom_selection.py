@@ -37,8 +37,11 @@ def _uids(rules, series, **kw):
 def test_default_rules_take_ct_and_mr_with_enough_slices():
     rules = load_selection_rules(REPO / "configs" / "series_selection.json")
     series = [
-        _series(uid="ct"), _series(uid="mr", modality="MR"), _series(uid="few", n=3),
-        _series(uid="us", modality="US"), _series(uid="pt", modality="PT"),
+        _series(uid="ct"),
+        _series(uid="mr", modality="MR"),
+        _series(uid="few", n=3),
+        _series(uid="us", modality="US"),
+        _series(uid="pt", modality="PT"),
     ]
     uids, why = _uids(rules, series)
     assert uids == ["ct", "mr"]
@@ -46,8 +49,11 @@ def test_default_rules_take_ct_and_mr_with_enough_slices():
 
 
 def test_matching_semantics():
-    s = [_series(uid="a"), _series(uid="b", SliceThickness=5.0, ImageType=["DERIVED", "SECONDARY"]),
-         _series(uid="c", iop=(0, 1, 0, 0, 0, -1))]
+    s = [
+        _series(uid="a"),
+        _series(uid="b", SliceThickness=5.0, ImageType=["DERIVED", "SECONDARY"]),
+        _series(uid="c", iop=(0, 1, 0, 0, 0, -1)),
+    ]
 
     def sel(cond, **kw):
         return _uids({"selections": [{"name": "x", "conditions": cond}]}, s, **kw)[0]

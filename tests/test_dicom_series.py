@@ -73,8 +73,11 @@ def test_enhanced_multiframe_matches_single_frame(tmp_path):
     direction = rotation(10, 20, -30) @ np.diag([1, 1, -1])
     paths = write_dicom_series(vol, tmp_path / "s", (1, 2, 3), (0.8, 0.8, 3.0), direction)
     mf = hd.legacy.LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths], series_instance_uid=generate_uid(), series_number=7,
-        sop_instance_uid=generate_uid(), instance_number=1,
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=generate_uid(),
+        series_number=7,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
     )
     (tmp_path / "mf").mkdir()
     mf.save_as(tmp_path / "mf" / "volume.dcm")
@@ -91,8 +94,14 @@ def test_discovery_groups_series_and_skips_with_reasons(tmp_path):
     vol = phantom((5, 8, 8))
     study = generate_uid()
     a = write_dicom_series(vol, root / "mixed", study_uid=study, series_number=1)
-    b = write_dicom_series(vol, root / "mixed", study_uid=study, modality="MR", series_number=2,
-                           file_names=[f"mr_{i}.dcm" for i in range(5)])
+    b = write_dicom_series(
+        vol,
+        root / "mixed",
+        study_uid=study,
+        modality="MR",
+        series_number=2,
+        file_names=[f"mr_{i}.dcm" for i in range(5)],
+    )
     (root / "notes.txt").write_text("not dicom")
     (root / "empty.dcm").write_bytes(b"")
     raw = Path(a[0]).read_bytes()
@@ -143,6 +152,7 @@ def test_uneven_spacing_resampled_and_mapped_back(tmp_path):
 
 def test_geometry_rejections_state_the_reason(tmp_path):
     vol = phantom((6, 8, 8))
+
     # gaps too uneven: two stacks 50 mm apart
     def same():
         return {"study_uid": generate_uid(), "series_uid": generate_uid(), "frame_of_reference_uid": generate_uid()}
@@ -161,7 +171,9 @@ def test_geometry_rejections_state_the_reason(tmp_path):
     # mixed orientations (a localizer inside the series)
     uid = same()
     write_dicom_series(vol[:3], tmp_path / "mixed", **uid)
-    write_dicom_series(vol[3:], tmp_path / "mixed", direction=rotation(90, 0, 0), file_names=["loc0", "loc1", "loc2"], **uid)
+    write_dicom_series(
+        vol[3:], tmp_path / "mixed", direction=rotation(90, 0, 0), file_names=["loc0", "loc1", "loc2"], **uid
+    )
     with pytest.raises(SeriesRejectedError, match="mixed orientations"):
         _load_one(tmp_path / "mixed")
     # gantry tilt: positions drift sideways of the normal
@@ -192,7 +204,9 @@ def test_pydicom_shipped_files_compressed_and_truncated(tmp_path):
             ds.save_as(folder / f"{k}.dcm")
         _, v = _load_one(folder)
         volumes[name] = v.array
-    expected = ref.pixel_array.astype(np.float32) * float(ref.get("RescaleSlope", 1)) + float(ref.get("RescaleIntercept", 0))
+    expected = ref.pixel_array.astype(np.float32) * float(ref.get("RescaleSlope", 1)) + float(
+        ref.get("RescaleIntercept", 0)
+    )
     for name, arr in volumes.items():
         assert arr.shape == (3, 64, 64), name
         np.testing.assert_array_equal(arr[1], expected, err_msg=name)

@@ -53,25 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="series selection rules, MONAI Deploy DICOMSeriesSelectorOperator JSON "
         "(default: configs/series_selection.json; 'all' selects every image series)",
     )
-    p.add_argument("--first-match", action="store_true", help="per study and selection keep only the first matching series")
+    p.add_argument(
+        "--first-match", action="store_true", help="per study and selection keep only the first matching series"
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--checkpoint", type=Path, default=None, help="weights (default: <bundle>/models/model.pt)")
-    p.add_argument("--random-weights", action="store_true", help="allow a randomly initialised network when no checkpoint exists (smoke tests only)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="ignore checkpoints, use a seeded random initialisation (smoke tests, throughput only)",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo series already done with this model version")
     p.add_argument("--formats", default="seg,nifti", help="comma-separated outputs: seg, nifti (default: seg,nifti)")
     p.add_argument("--no-prefetch", action="store_true", help="read each series only when the previous one is finished")
     p.add_argument("--no-fuse", action="store_true", help="run the network as defined (no BatchNorm folding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--max-gap-ratio", type=float, default=3.0, help="largest/smallest slice gap still resampled (default 3)")
+    p.add_argument(
+        "--max-gap-ratio", type=float, default=3.0, help="largest/smallest slice gap still resampled (default 3)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--set", action="append", default=[], metavar="ID=JSON", help="override a config id, e.g. --set inferer#sw_batch_size=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ID=JSON",
+        help="override a config id, e.g. --set inferer#sw_batch_size=2",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         import warnings
 

@@ -53,8 +53,8 @@ class BundlePipeline:
         staging_dir: folder the bundle's ``SaveImaged`` writes into (``output_dir`` is overridden).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         checkpoint: weights file (default ``<bundle>/models/model.pt``), loaded with ``weights_only=True``.
-        allow_random_weights: run with the randomly initialised network when no checkpoint exists
-            (tests, throughput measurements); the model version then says ``random-init``.
+        allow_random_weights: ignore checkpoints and run the network with a seeded random
+            initialisation (tests, throughput measurements); the model version then says ``random-init``.
         fuse: use :func:`ulite_monai.networks.inference_network` (BN folded) for inference.
         overrides: extra ``id -> value`` settings applied to the parser (e.g. ``{"inferer#sw_batch_size": 2}``).
     """
@@ -76,7 +76,9 @@ class BundlePipeline:
         configs = [Path(c) for c in (config_files or [self.bundle_dir / "configs" / "inference.json"])]
         for c in configs:
             if not c.is_file():
-                raise FileNotFoundError(f"bundle config {c} not found; pass --bundle <bundle folder> or --config <file>")
+                raise FileNotFoundError(
+                    f"bundle config {c} not found; pass --bundle <bundle folder> or --config <file>"
+                )
         meta_file = self.bundle_dir / "configs" / "metadata.json"
         self.device = resolve_device(device)
         parser = ConfigParser()
@@ -130,12 +132,14 @@ class BundlePipeline:
 
     def _load_weights(self, net: torch.nn.Module, checkpoint, allow_random: bool) -> str:
         ckpt = Path(checkpoint) if checkpoint else self.bundle_dir / "models" / "model.pt"
-        if not ckpt.is_file():
-            if checkpoint or not allow_random:
-                raise FileNotFoundError(
-                    f"model weights {ckpt} not found; train the bundle or pass --checkpoint "
-                    "(or --random-weights for a smoke test)"
-                )
+        if allow_random and checkpoint:
+            raise ValueError("give either a checkpoint or random weights, not both")
+        if not allow_random and not ckpt.is_file():
+            raise FileNotFoundError(
+                f"model weights {ckpt} not found; train the bundle or pass --checkpoint "
+                "(or --random-weights for a smoke test)"
+            )
+        if allow_random:
             torch.manual_seed(0)
             for m in net.modules():  # deterministic random init so reruns share a model version
                 if hasattr(m, "reset_parameters"):
@@ -150,7 +154,12 @@ class BundlePipeline:
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            raise RuntimeError(f"checkpoint {ckpt} does not fit the bundle's network_def: {e}") from e
+            detail = str(e).strip().splitlines()
+            raise RuntimeError(
+                f"checkpoint {ckpt} does not fit the bundle's network_def ({len(detail) - 1} mismatching entries, "
+                f"first: {detail[1].strip() if len(detail) > 1 else detail[0]}); check the config overrides "
+                "(features, channels, spatial_dims) the checkpoint was trained with"
+            ) from e
         return "sha256:" + _sha256(ckpt)[:16]
 
     # -- steps ----------------------------------------------------------------------------------------
@@ -197,7 +206,9 @@ def label_array(pred: Any) -> np.ndarray:
     return np.rint(arr).astype(np.uint8)
 
 
-def to_volume_order(labels_xyz: np.ndarray, pred_affine_ras: np.ndarray, volume_affine_ras: np.ndarray, shape_krc) -> np.ndarray:
+def to_volume_order(
+    labels_xyz: np.ndarray, pred_affine_ras: np.ndarray, volume_affine_ras: np.ndarray, shape_krc
+) -> np.ndarray:
     """Reorder a label array given on ``pred_affine_ras`` onto the series grid ``[slice, row, column]``.
 
     The two grids must coincide up to axis permutation and flips (what ``Invertd`` restores);

@@ -31,6 +31,7 @@ import numpy as np
 
 from ulite_monai.batch.manifest import Manifest
 from ulite_monai.batch.pipeline import BundlePipeline, label_array, to_volume_order, write_json_atomic
+from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg
 from ulite_monai.io.dicom_series import (
     DicomSeries,
     SeriesRejectedError,
@@ -39,7 +40,6 @@ from ulite_monai.io.dicom_series import (
     load_series_volume,
     sanitize_name,
 )
-from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg
 from ulite_monai.io.series_selection import SeriesSelector
 
 __all__ = ["BatchOptions", "run_batch"]
@@ -102,7 +102,9 @@ def _exclusive(output_dir: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another ulite-dicom run is writing to {output_dir}; wait for it or use another output folder") from None
+            raise RuntimeError(
+                f"another ulite-dicom run is writing to {output_dir}; wait for it or use another output folder"
+            ) from None
         yield
 
 
@@ -223,15 +225,27 @@ def run_batch(opts: BatchOptions) -> dict:
         for sk in found.skipped:
             rel = os.path.relpath(sk.path, in_root) if in_root.is_dir() else sk.path
             record(
-                {"key": sk.key if sk.series_uid else f"file:{rel}", "kind": "file" if not sk.series_uid else "dicom",
-                 "study_uid": sk.study_uid, "series_uid": sk.series_uid, "input": rel, "status": "skipped",
-                 "reason": sk.reason},
+                {
+                    "key": sk.key if sk.series_uid else f"file:{rel}",
+                    "kind": "file" if not sk.series_uid else "dicom",
+                    "study_uid": sk.study_uid,
+                    "series_uid": sk.series_uid,
+                    "input": rel,
+                    "status": "skipped",
+                    "reason": sk.reason,
+                },
                 quiet_repeat=True,
             )
         for s in found.series:
             if s.series_uid in not_selected:
-                record({**_series_row(_Item(s.key, "dicom", "", series=s)), "status": "skipped",
-                        "reason": not_selected[s.series_uid]}, quiet_repeat=True)
+                record(
+                    {
+                        **_series_row(_Item(s.key, "dicom", "", series=s)),
+                        "status": "skipped",
+                        "reason": not_selected[s.series_uid],
+                    },
+                    quiet_repeat=True,
+                )
 
         items: list[_Item] = []
         for sel in selected:
@@ -298,7 +312,9 @@ def run_batch(opts: BatchOptions) -> dict:
                 if vol.notes:
                     row["notes"] = vol.notes
             else:
-                voxel_ml = abs(float(np.linalg.det(pred_affine[:3, :3]))) / 1000.0 if pred_affine is not None else float("nan")
+                voxel_ml = (
+                    abs(float(np.linalg.det(pred_affine[:3, :3]))) / 1000.0 if pred_affine is not None else float("nan")
+                )
                 row["shape"] = list(labels.shape)
             row["volumes_ml"] = {names.get(n, str(n)): round(float(np.sum(labels == n)) * voxel_ml, 3) for n in names}
             empty = not any(np.any(labels == n) for n in names)
@@ -405,7 +421,9 @@ def run_batch(opts: BatchOptions) -> dict:
 def _reason(e: BaseException) -> str:
     if isinstance(e, (SeriesRejectedError, FileNotFoundError, ValueError, RuntimeError)):
         text = str(e).strip().splitlines()
-        return (text[-1] if isinstance(e, RuntimeError) and "Traceback" in str(e) else " ".join(text))[:500] or type(e).__name__
+        return (text[-1] if isinstance(e, RuntimeError) and "Traceback" in str(e) else " ".join(text))[:500] or type(
+            e
+        ).__name__
     return f"{type(e).__name__}: {e}"[:500]
 
 

@@ -61,7 +61,9 @@ def _code(value: Any, where: str) -> tuple[str, str, str]:
     return tuple(str(v) for v in value)  # type: ignore[return-value]
 
 
-def segments_from_channel_def(channel_def: Mapping[str, Any] | None, num_labels: int | None = None) -> list[SegmentInfo]:
+def segments_from_channel_def(
+    channel_def: Mapping[str, Any] | None, num_labels: int | None = None
+) -> list[SegmentInfo]:
     """Segments for labels 1..N from a bundle ``channel_def`` (label index -> name or code object).
 
     Without a channel_def, ``num_labels`` generic segments "label 1".."label N" are made.
@@ -88,10 +90,14 @@ def segments_from_channel_def(channel_def: Mapping[str, Any] | None, num_labels:
             if found is not None:
                 typ = (found.value, found.scheme_designator, found.meaning)
                 abnormal = name.strip().lower() in _ABNORMAL
-                cat = ("49755003", "SCT", "Morphologically Abnormal Structure") if abnormal else (
-                    "91723000",
-                    "SCT",
-                    "Anatomical Structure",
+                cat = (
+                    ("49755003", "SCT", "Morphologically Abnormal Structure")
+                    if abnormal
+                    else (
+                        "91723000",
+                        "SCT",
+                        "Anatomical Structure",
+                    )
                 )
             else:
                 typ = cat = ("85756007", "SCT", "Tissue")

@@ -192,13 +192,19 @@ def _frames_from_header(ds: Dataset, path: str) -> list[DicomFrame]:
                     return group[seq_kw].value[0]
             return None
 
-        pos, ori, meas = _item("PlanePositionSequence"), _item("PlaneOrientationSequence"), _item("PixelMeasuresSequence")
+        pos, ori, meas = (
+            _item("PlanePositionSequence"),
+            _item("PlaneOrientationSequence"),
+            _item("PixelMeasuresSequence"),
+        )
         if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
             raise SeriesRejectedError(f"{path}: frame {i + 1} lacks plane position/orientation/pixel spacing")
         rescale = _item("PixelValueTransformationSequence")
         slope = float(rescale.get("RescaleSlope", 1.0)) if rescale is not None else float(ds.get("RescaleSlope", 1.0))
         intercept = (
-            float(rescale.get("RescaleIntercept", 0.0)) if rescale is not None else float(ds.get("RescaleIntercept", 0.0))
+            float(rescale.get("RescaleIntercept", 0.0))
+            if rescale is not None
+            else float(ds.get("RescaleIntercept", 0.0))
         )
         frames.append(
             DicomFrame(
@@ -273,7 +279,9 @@ def discover_inputs(root: str | os.PathLike, follow_symlinks: bool = False) -> D
         except Exception as e:  # truncated header, bad VR, unreadable file
             skipped.append(SkippedInput(sp, f"unreadable DICOM header ({type(e).__name__}: {e}); re-export the file"))
             continue
-        sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
+        sop_class = str(
+            ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", "")
+        )
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             skipped.append(SkippedInput(sp, "DICOMDIR index file (the tree is walked instead)"))
             continue
@@ -372,7 +380,9 @@ def _orthonormal_direction(iop: np.ndarray) -> np.ndarray:
     return np.stack([row, col, np.cross(row, col)], axis=1)
 
 
-def _plan_geometry(series: DicomSeries, max_gap_ratio: float) -> tuple[list[DicomFrame], np.ndarray, np.ndarray, list[str]]:
+def _plan_geometry(
+    series: DicomSeries, max_gap_ratio: float
+) -> tuple[list[DicomFrame], np.ndarray, np.ndarray, list[str]]:
     """Sort planes along the normal, check them; return (frames, offsets, slice offsets of the grid, notes)."""
     name = f"series {series.series_uid}"
     frames = series.frames

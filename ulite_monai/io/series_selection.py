@@ -60,10 +60,14 @@ def load_selection_rules(path: str | os.PathLike) -> dict:
 
 def _check_rules(rules: Any, where: str) -> None:
     if not isinstance(rules, dict) or not isinstance(rules.get("selections"), list) or not rules["selections"]:
-        raise ValueError(f'series selection rules {where}: expected {{"selections": [{{"name": ..., "conditions": {{...}}}}]}}')
+        raise ValueError(
+            f'series selection rules {where}: expected {{"selections": [{{"name": ..., "conditions": {{...}}}}]}}'
+        )
     for i, sel in enumerate(rules["selections"]):
         if not isinstance(sel, dict) or not isinstance(sel.get("conditions", {}), dict):
-            raise ValueError(f"series selection rules {where}: selection {i} must be an object with a 'conditions' object")
+            raise ValueError(
+                f"series selection rules {where}: selection {i} must be an object with a 'conditions' object"
+            )
 
 
 @dataclass
@@ -174,7 +178,11 @@ class SeriesSelector:
         self.rules = rules
         r = rules or {}
         self.all_matched = bool(r.get("all_matched", True)) if all_matched is None else all_matched
-        self.sort = bool(r.get("sort_by_sop_instance_count", False)) if sort_by_sop_instance_count is None else sort_by_sop_instance_count
+        self.sort = (
+            bool(r.get("sort_by_sop_instance_count", False))
+            if sort_by_sop_instance_count is None
+            else sort_by_sop_instance_count
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> "SeriesSelector":
