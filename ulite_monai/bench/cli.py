@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bundle-config", default=None,
                    help="bundle inference.json whose 'inferer' gives roi_size/sw_batch_size/overlap "
                         "(default bundles/ulite/configs/inference.json; built-in defaults when missing)")
-    g.add_argument("--sw-roi", type=int, nargs="*", default=None, help="cubic roi edges to sweep (default 96 128 160)")
+    g.add_argument("--sw-roi", type=int, nargs="*", default=None, help="cubic roi edges to sweep (default 64 96 128)")
     g.add_argument("--sw-batch", type=int, nargs="*", default=None, help="sw_batch_size values to sweep (default 1 4)")
     g.add_argument("--sw-overlap", type=float, nargs="*", default=None, help="overlaps to sweep (default 0.25 0.5)")
     g.add_argument("--sw-grid", action="store_true", help="sweep the full grid instead of one setting at a time")
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         else:
             settings = sweep_settings(
                 base,
-                rois=args.sw_roi if args.sw_roi is not None else ([] if q else [96, 128, 160]),
+                rois=args.sw_roi if args.sw_roi is not None else ([] if q else [64, 96, 128]),
                 batches=args.sw_batch if args.sw_batch is not None else ([2] if q else [1, 4]),
                 overlaps=args.sw_overlap if args.sw_overlap is not None else ([] if q else [0.25, 0.5]),
                 grid=args.sw_grid)

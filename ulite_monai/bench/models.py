@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -134,11 +134,12 @@ def export_onnx(net: nn.Module, dims: int, path: str) -> str:
     return path
 
 
-def _ulite(dims: int) -> nn.Module:
+def _ulite(dims: int, features: Sequence[int] | None = None) -> nn.Module:
     from ulite_monai.networks import ULite
 
     cin, cout = _IO[dims]
-    return ULite(spatial_dims=dims, in_channels=cin, out_channels=cout)
+    kwargs = {"features": tuple(int(f) for f in features)} if features else {}
+    return ULite(spatial_dims=dims, in_channels=cin, out_channels=cout, **kwargs)
 
 
 def _randomise_bn(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -175,7 +176,8 @@ def _monai(name: str, dims: int, size: tuple[int, ...] | None = None) -> nn.Modu
 
 
 def build_model(name: str, dims: int, train: bool = False, workdir: str | None = None,
-                size: tuple[int, ...] | None = None) -> tuple[Callable, nn.Module]:
+                size: tuple[int, ...] | None = None,
+                features: Sequence[int] | None = None) -> tuple[Callable, nn.Module]:
     """Build benchmark model ``name`` for ``dims`` spatial dims.
 
     Args:
@@ -184,6 +186,7 @@ def build_model(name: str, dims: int, train: bool = False, workdir: str | None =
         train: return the trainable network in train mode (only for ``spec.trainable`` models).
         workdir: folder for exported files (ONNX); a temporary folder when not given.
         size: input spatial size (only UNETR depends on it); the benchmark size when not given.
+        features: U-Lite ``features`` (default: the paper's ``(16, 32, 64, 128, 256, 512)``).
 
     Returns:
         ``(callable, torch_module)``: what to time, and the torch module that defines it (parameters and
@@ -202,7 +205,7 @@ def build_model(name: str, dims: int, train: bool = False, workdir: str | None =
         return (net, net.train()) if train else (net.eval(), net.eval())
     from ulite_monai.networks import fuse_ulite
 
-    base = _randomise_bn(_ulite(dims))
+    base = _randomise_bn(_ulite(dims, features))
     if name == "ulite":
         return (base.train(), base.train()) if train else (base.eval(), base.eval())
     base.eval()

@@ -28,6 +28,7 @@ def _parse(argv):
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--sw-mode", default="gaussian")
     p.add_argument("--volume", type=int, nargs="*", default=[512, 512, 128])
+    p.add_argument("--features", type=int, nargs="*", default=None, help="U-Lite features")
     p.add_argument("--flops", action="store_true", help="also count FLOPs of the forward pass")
     return p.parse_args(argv)
 
@@ -47,14 +48,14 @@ def main(argv=None) -> int:
                  "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="ulite_bench_") as tmp:
         if args.task == "train":
-            _, net = build_model(args.model, args.dims, train=True, size=args.size)
+            _, net = build_model(args.model, args.dims, train=True, size=args.size, features=args.features)
             work = make_train_step(net, args.dims, args.batch, args.size)
         elif args.task == "infer":
-            fn, net = build_model(args.model, args.dims, workdir=tmp, size=args.size)
+            fn, net = build_model(args.model, args.dims, workdir=tmp, size=args.size, features=args.features)
             x = make_input(args.dims, args.batch, args.size)
             work = make_infer(fn, x)
         else:
-            fn, net = build_model(args.model, 3, workdir=tmp)
+            fn, net = build_model(args.model, 3, workdir=tmp, features=args.features)
             roi = args.roi or [128, 128, 128]
             sw = make_sliding_window(fn, roi, args.sw_batch, args.overlap, args.sw_mode)
             volume = make_input(3, 1, args.volume)

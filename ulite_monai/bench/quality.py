@@ -143,9 +143,10 @@ def run_quality(
 
     from ulite_monai.bench.models import build_model
     from ulite_monai.bench.measure import param_count
+    from ulite_monai.bench.sliding import _default_config
 
     n_train, n_val = (2, 1) if quick else (None, None)
-    config = Path(bundle_config) if bundle_config else DEFAULT_BUNDLE_TRAIN
+    config = Path(bundle_config) if bundle_config else _default_config("train.json")
     fallback_reason = None
     pipe = None
     if config.is_file():

@@ -186,7 +186,7 @@ def plot(speed: dict, path) -> Path:
     fig, axes = plt.subplots(1, len(dims_list), figsize=(6.5 * len(dims_list), 5), squeeze=False)
     for ax, dims in zip(axes[0], dims_list):
         rows = [r for r in speed["results"] if r["dims"] == dims and r.get("latency_bs1") and r.get("params")]
-        fmax = max((r.get("flops") or 0) for r in rows) or 1
+        fmax = max(((r.get("flops") or 0) for r in rows), default=0) or 1
         for r in rows:
             colour = "tab:red" if r["family"] == "ulite" else "tab:blue"
             size = 30 + 1500 * ((r.get("flops") or 0) / fmax) ** 0.5

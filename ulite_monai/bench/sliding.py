@@ -21,15 +21,27 @@ from ulite_monai.bench.models import MODELS
 __all__ = ["bundle_inferer_settings", "sweep_settings", "run_sliding_window", "DEFAULT_BUNDLE_INFERENCE"]
 
 DEFAULT_BUNDLE_INFERENCE = Path("bundles") / "ulite" / "configs" / "inference.json"
-_FALLBACK = {"roi_size": [128, 128, 128], "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"}
+
+
+def _default_config(name: str) -> Path:
+    """The bundle's ``configs/<name>``, found as the bundle tools find it (repository root, bundle folder,
+    or next to an editable install); the repository-relative path when there is no bundle."""
+    try:
+        from ulite_monai.bundle_utils import default_bundle_root
+
+        return Path(default_bundle_root()) / "configs" / name
+    except Exception:  # noqa: BLE001 - no bundle around: callers fall back and say so
+        return Path("bundles") / "ulite" / "configs" / name
+_FALLBACK = {"roi_size": [128, 128, 128], "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian", "features": None}
 
 
 def bundle_inferer_settings(config_path: str | Path | None = None) -> tuple[dict, str]:
-    """``roi_size``, ``sw_batch_size``, ``overlap`` and ``mode`` of the bundle's inferer, and where they came from.
+    """``roi_size``, ``sw_batch_size``, ``overlap`` and ``mode`` of the bundle's inferer, the U-Lite ``features``
+    of its ``network_def``, and where they came from.
 
     Falls back to built-in defaults when the file or its ``inferer`` section is missing (the source says so).
     """
-    path = Path(config_path) if config_path else DEFAULT_BUNDLE_INFERENCE
+    path = Path(config_path) if config_path else _default_config("inference.json")
     if not path.is_file():
         return dict(_FALLBACK), f"built-in defaults ({path} not found)"
     from monai.bundle import ConfigParser
@@ -54,7 +66,13 @@ def bundle_inferer_settings(config_path: str | Path | None = None) -> tuple[dict
             value = str(value)
         settings[key] = value
         found.append(key)
-    return settings, f"{path} (inferer: {', '.join(found) or 'none readable, defaults used'})"
+    try:
+        features = parser.get_parsed_content("network_def#features")
+        settings["features"] = [int(f) for f in features]
+        found.append("network_def#features")
+    except Exception:  # noqa: BLE001 - not a U-Lite network_def: keep the paper's features
+        pass
+    return settings, f"{path} ({', '.join(found) or 'nothing readable, defaults used'})"
 
 
 def sweep_settings(base: dict, rois: Sequence[int] | None = None, batches: Sequence[int] | None = None,
@@ -116,18 +134,23 @@ def run_sliding_window(
     for name, s in itertools.product(models, settings):
         roi = list(s["roi_size"])
         log(f"[sw] {name}: roi {roi}, sw_batch_size {s['sw_batch_size']}, overlap {s['overlap']} ...")
+        features = s.get("features") if MODELS[name].family == "ulite" else None
         res = measure.run_child(
             ["sw", "--model", name, "--roi", *roi, "--sw-batch", s["sw_batch_size"], "--overlap", s["overlap"],
-             "--sw-mode", s.get("mode", "gaussian"), "--volume", *volume, "--threads", threads],
+             "--sw-mode", s.get("mode", "gaussian"), "--volume", *volume, "--threads", threads]
+            + (["--features", *features] if features else []),
             timeout_s=max_model_s, max_rss_mb=max_rss_gb * 1024)
         rec = {"model": name, "label": MODELS[name].label, "roi": roi, "sw_batch_size": int(s["sw_batch_size"]),
-               "overlap": float(s["overlap"]), "mode": s.get("mode", "gaussian"), "status": res.get("status")}
+               "overlap": float(s["overlap"]), "mode": s.get("mode", "gaussian"), "status": res.get("status"),
+               "features": features}
+        if features:
+            rec["note"] = f"U-Lite features {tuple(features)} (bundle network_def)"
         if res.get("status") == "ok":
             rec.update(wall_s=res["call_s"], peak_rss_mb=res["peak_rss_mb"], base_rss_mb=res["base_rss_mb"],
                        params=res["params"])
             log(f"[sw]   {res['call_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
         else:
-            rec["note"] = res.get("reason", "")
+            rec["note"] = "; ".join(filter(None, [rec.get("note"), res.get("reason", "")]))
             log(f"[sw]   {rec['status']}: {rec['note']}")
         runs.append(rec)
     best = {}

@@ -1,0 +1,131 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""Smoke tests of the benchmark CLI (tiny sizes, few models): outputs are written with the right fields."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from ulite_monai.bench import cli, measure, report
+from ulite_monai.bench.models import MODELS, build_model
+from ulite_monai.bench.sliding import bundle_inferer_settings, sweep_settings
+from ulite_monai.bench.workloads import make_input
+
+
+def test_summarise_median_and_p90():
+    s = measure.summarise([0.003, 0.001, 0.002, 0.010, 0.004])
+    assert s["n"] == 5
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert s["min_ms"] == pytest.approx(1.0)
+    assert s["p90_ms"] == pytest.approx(10.0)
+    assert measure.summarise([])["median_ms"] is None
+
+
+def test_flops_counts_convolutions():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    # 2 * MACs: out pixels * out channels * (in channels * kernel taps)
+    assert measure.flops_of(conv, torch.zeros(1, 3, 16, 16)) == 2 * 16 * 16 * 8 * 3 * 9
+
+
+def test_onnx_runtime_matches_fused_network(tmp_path):
+    fn, fused = build_model("ulite-onnx", 2, workdir=str(tmp_path))
+    for shape in [(1, 3, 64, 64), (2, 3, 96, 64)]:  # dynamic batch and spatial axes
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            ref = fused(x)
+        out = fn(x)
+        assert out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_child_process_cap_skips_with_reason():
+    res = measure.run_child(["infer", "--model", "classic-unet", "--dims", "3", "--threads", "1"], timeout_s=1.0)
+    assert res["status"] == "skipped"
+    assert "--max-model-s" in res["reason"]
+
+
+def test_bundle_inferer_settings_from_config(tmp_path):
+    cfg = tmp_path / "inference.json"
+    cfg.write_text(json.dumps({
+        "roi_size": [48, 40, 32], "sw_batch_size": 3, "sw_overlap": 0.4, "features": [8, 16, 32],
+        "network_def": {"_target_": "ulite_monai.networks.ULite", "spatial_dims": 3, "in_channels": 1,
+                        "out_channels": 2, "features": "@features"},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": "@sw_batch_size",
+                    "overlap": "@sw_overlap", "mode": "constant"},
+    }))
+    s, source = bundle_inferer_settings(cfg)
+    assert s == {"roi_size": [48, 40, 32], "sw_batch_size": 3, "overlap": 0.4, "mode": "constant",
+                 "features": [8, 16, 32]}
+    assert str(cfg) in source
+    s, source = bundle_inferer_settings(tmp_path / "missing.json")
+    assert "built-in defaults" in source and s["roi_size"] == [128, 128, 128]
+    sweep = sweep_settings(dict(s, roi_size=[64] * 3), rois=[64, 96], batches=[4], overlaps=[0.5])
+    assert sweep[0]["roi_size"] == [64] * 3
+    assert len(sweep) == 4  # base, roi 96, batch 4, overlap 0.5 (roi 64 is the base already)
+    assert {tuple(x["roi_size"]) for x in sweep} == {(64,) * 3, (96,) * 3}
+
+
+def test_unknown_model_is_an_error(capsys):
+    assert cli.main(["--models", "no-such-net", "--out", "unused"]) == 2
+    assert "no-such-net" in capsys.readouterr().err
+
+
+def test_quick_speed_and_sliding_window_outputs(tmp_path):
+    out = tmp_path / "bench"
+    rc = cli.main(["--quick", "--modes", "speed", "sw", "--dims", "2", "--models", "ulite", "ulite-fused",
+                   "--threads", "1", "--sw-models", "ulite-fused", "--sw-volume", "48", "48", "32",
+                   "--sw-batch", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "benchmark.json").read_text())
+    env = data["environment"]
+    assert env["torch_threads"] == 1 and env["cpu_count"] >= 1
+    assert len(data["load_average_start"]) == 3
+    res = {r["model"]: r for r in data["speed"]["results"]}
+    assert set(res) == {"ulite", "ulite-fused"}
+    for r in res.values():
+        assert r["status"] == "ok", r["notes"]
+        assert r["params"] > 800_000 and r["flops"] > 0
+        assert r["latency_bs1"]["n"] == 3 and r["latency_bs1"]["p90_ms"] >= r["latency_bs1"]["median_ms"] > 0
+        assert r["throughput_per_s"] > 0 and r["infer_peak_rss_mb"] > 50
+    assert res["ulite"]["train_step"]["median_ms"] > 0 and res["ulite"]["train_peak_rss_mb"] > 50
+    assert "train_step" not in res["ulite-fused"]  # eval-only variant
+    ratio = [q for q in data["speed"]["ratios"] if q["model"] == "ulite-fused" and q["versus"] == "ulite"]
+    assert len(ratio) == 1
+    assert ratio[0]["speedup"] == pytest.approx(
+        res["ulite"]["latency_bs1"]["median_ms"] / res["ulite-fused"]["latency_bs1"]["median_ms"])
+    sw = data["sliding_window"]
+    assert sw["volume"] == [48, 48, 32]
+    assert [r["status"] for r in sw["runs"]] == ["ok"]
+    assert sw["runs"][0]["wall_s"] > 0 and sw["runs"][0]["peak_rss_mb"] > 50
+    assert "U-Lite fused" in sw["best"]
+    md = (out / "benchmark.md").read_text()
+    assert "| U-Lite (unfused) |" in md and "| U-Lite fused |" in md and "Sliding-window" in md
+    assert "fused U-Lite speed-up over the unfused reference structure" in md
+    png = (out / "latency_vs_params.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_markdown_lists_skipped_models_with_reason(tmp_path):
+    speed = {"threads": 1, "ratios": [], "results": [
+        {"model": "swinunetr", "label": "MONAI SwinUNETR", "family": "monai", "dims": 3, "status": "skipped",
+         "input_shape": [1, 1, 128, 128, 128], "notes": ["inference: ran past the 300 s cap per model"]}]}
+    md = report.markdown({"environment": report.environment(), "created_utc": "now", "command": "x", "speed": speed})
+    assert "| MONAI SwinUNETR |" in md and "ran past the 300 s cap" in md
+    report.plot(speed, tmp_path / "p.png")  # a panel with nothing timed still renders
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_quality_mode(tmp_path):
+    from ulite_monai.bench.quality import run_quality
+
+    q = run_quality(budget_cpu_s=1.0, data_dir=str(tmp_path / "data"), quick=True, log=lambda m: None)
+    assert [r["model"] for r in q["runs"]] == ["ulite", "monai-unet"]
+    for r in q["runs"]:
+        assert r["steps"] >= 1 and r["cpu_s"] >= 1.0
+        assert len(r["dice_per_case"]) == q["num_val"] == 1
+        assert 0.0 <= r["dice_mean"] <= 1.0
+    assert q["runs"][0]["params"] < q["runs"][1]["params"]
