@@ -73,3 +73,22 @@ def test_empty_prediction_writes_nothing(tmp_path):
     assert not (tmp_path / "o.dcm").exists()
     with pytest.raises(ValueError, match="does not match"):
         write_dicom_seg(np.zeros((1, 2, 3), np.uint8), v, segs, tmp_path / "o.dcm", "a", "1")
+
+
+def test_resampled_series_seg_has_one_frame_per_source_plane(tmp_path):
+    vol = phantom((7, 10, 10), seed=8)
+    paths = write_dicom_series(vol, tmp_path / "src", spacing=(1, 1, 2.0), rescale=(1, -1024))
+    paths[2].unlink()  # missing slice -> resampled grid
+    v = load_series_volume(discover_inputs(tmp_path / "src").series[0])
+    assert v.resampled
+    labels = (v.array > 0).astype(np.uint8)
+    labels[2] = 1  # the interpolated slice: must not leak into any source frame
+    out = write_dicom_seg(labels, v, segments_from_channel_def({"1": "liver"}), tmp_path / "s.dcm", "a", "1")
+    frames = seg_frames_by_source(out)
+    for k, p in enumerate(paths):
+        if k == 2:
+            continue
+        uid = str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        mask = frames[uid][0] if uid in frames else np.zeros((10, 10), np.uint8)
+        np.testing.assert_array_equal(mask, (vol[k] > 0).astype(np.uint8))
+    assert len(pydicom.dcmread(out).ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 6

@@ -222,6 +222,31 @@ def test_pydicom_shipped_files_compressed_and_truncated(tmp_path):
         _load_one(folder)
 
 
+@pytest.mark.parametrize(
+    "name,plugin",
+    [("MR_small_jp2klossless.dcm", "openjpeg"), ("MR_small_jpeg_ls_lossless.dcm", "jpeg_ls")],
+)
+def test_pydicom_shipped_compressed_through_plugins(tmp_path, name, plugin):
+    """JPEG 2000 / JPEG-LS decode through pydicom's plugins (pylibjpeg-openjpeg, pyjpegls) when
+    installed; without the plugin the series fails with a message naming the transfer syntax."""
+    import importlib.util
+
+    expected = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    series_uid = generate_uid()
+    for k in range(2):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.ImagePositionPatient = [0, 0, 3.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.save_as(tmp_path / f"{k}.dcm")
+    if importlib.util.find_spec(plugin) is not None:
+        _, v = _load_one(tmp_path)
+        np.testing.assert_array_equal(v.array[0], expected)
+    else:
+        with pytest.raises(SeriesRejectedError, match="transfer syntax"):
+            _load_one(tmp_path)
+
+
 def test_pydicom_ct_small_is_a_single_plane(tmp_path):
     shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")
     found = discover_inputs(tmp_path)
