@@ -26,6 +26,9 @@ $(LABEL_VENV)/.installed: $(LABEL_REQS) pyproject.toml
 	@# torch first and alone, so that the requirements below keep this (CPU) build
 	$(LABEL_PY) -m pip install -q $(LABEL_TORCH)
 	$(LABEL_PY) -m pip install -q -r $(LABEL_REQS)
+	@# PyPI's torchvision is a CUDA build whose ops cannot load next to the CPU torch, and then it breaks every
+	@# `import torchvision`; nothing the app runs needs it (monai imports it optionally), so it goes.
+	$(LABEL_PY) -m pip uninstall -q -y torchvision
 	$(LABEL_PY) -m pip install -q --no-deps -e .
 	$(LABEL_PY) -c "import monailabel, monai, ulite_monai.label.lib.infers; print('label venv: monailabel', monailabel.__version__, 'monai', monai.__version__)"
 	touch $@

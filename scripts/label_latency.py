@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ulite_monai.label.testing import REPO, LabelServer, label_env_problem, run_label_python
+from ulite_monai.label.testing import REPO, LabelServer, label_env_problem, make_checkpoint
 
 
 def _image_id(path: Path) -> str:
@@ -74,13 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle_model = Path(args.bundle) / "models" / "model.pt"
         weights = str(bundle_model) if bundle_model.is_file() else "freshly initialised (no bundle checkpoint)"
         if not bundle_model.is_file():
-            run_label_python(
-                "import sys, torch\n"
-                "from ulite_monai.label.lib.bundle import BundleSource\n"
-                "net = BundleSource(sys.argv[1], sys.argv[2] or None).parser('inference').get_parsed_content('network_def')\n"
-                "torch.save(net.state_dict(), sys.argv[3])\n",
-                args.bundle, args.configs, str(srv.model_dir / "ulite.pt"),
-            )
+            make_checkpoint(args.bundle, srv.model_dir / "ulite.pt", args.configs)
 
         report = {"host": platform.node(), "cpus": os.cpu_count(), "weights": weights, "images": []}
         with srv:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -24,7 +23,7 @@ from ulite_monai.label.testing import (
     ci_requires,
     label_env_problem,
     orthanc_problem,
-    run_label_python,
+    make_checkpoint,
 )
 
 pytestmark = [pytest.mark.label, pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -80,14 +79,7 @@ def test_dicomweb_infer_and_save_label(tmp_path):
         srv = LabelServer(orthanc.dicomweb, tmp_path / "srv", conf={"bundle": str(BUNDLE)},
                           env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")})
         srv.model_dir.mkdir(parents=True)
-        run_label_python(
-            "import sys, torch\n"
-            "from ulite_monai.label.lib.bundle import BundleSource\n"
-            "torch.manual_seed(0)\n"
-            "net = BundleSource(sys.argv[1]).parser('inference').get_parsed_content('network_def')\n"
-            "torch.save(net.state_dict(), sys.argv[2])\n",
-            str(BUNDLE), str(srv.model_dir / "ulite.pt"),
-        )
+        make_checkpoint(BUNDLE, srv.model_dir / "ulite.pt")
         with srv:
             objects = srv.client("datastore")["objects"]
             assert series in objects

@@ -15,7 +15,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ulite_monai.label.testing import REPO, LabelServer, ci_requires, label_env_problem, run_label_python
+from ulite_monai.label.testing import (
+    REPO,
+    LabelServer,
+    ci_requires,
+    label_env_problem,
+    make_checkpoint,
+    run_label_python,
+)
 
 pytestmark = [pytest.mark.label, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,6 +34,9 @@ TEST_OVERRIDE = {
     "patch_size": [32, 32, 32],
     "num_samples": 1,
     "val_interval": 1,
+    "batch_size": 1,
+    "cache_rate": 0.0,
+    "num_workers": 0,
 }
 
 
@@ -71,17 +81,9 @@ def server(tmp_path_factory):
     override.write_text(json.dumps(TEST_OVERRIDE))
 
     srv = LabelServer(str(studies), root / "srv", conf={"bundle": str(BUNDLE), "configs": str(override)})
-    # a starting checkpoint: the bundle's network, seeded initial weights, saved as the app's published model
+    # a starting checkpoint: the bundle's network, seeded initial weights calibrated so vol_1's label is not empty
     srv.model_dir.mkdir(parents=True)
-    run_label_python(
-        "import sys, torch\n"
-        "from ulite_monai.label.lib.bundle import BundleSource\n"
-        "b = BundleSource(sys.argv[1], sys.argv[2])\n"
-        "torch.manual_seed(0)\n"
-        "net = b.parser('inference').get_parsed_content('network_def')\n"
-        "torch.save(net.state_dict(), sys.argv[3])\n",
-        str(BUNDLE), str(override), str(srv.model_dir / "ulite.pt"),
-    )
+    make_checkpoint(BUNDLE, srv.model_dir / "ulite.pt", str(override), calibrate_on=str(studies / "vol_1.nii.gz"))
     srv.studies_dir = studies
     srv.override = override
     with srv:
@@ -130,6 +132,7 @@ def test_infer_returns_label_aligned_with_input(server, tmp_path):
     expected = np.load(ref)
     got = np.asarray(lab.dataobj)
     assert expected.shape == got.shape
+    assert 0.05 < (got > 0).mean() < 0.95, "a label with structure, so that a flip or transpose would show"
     assert (expected == got).mean() >= 0.999
 
 
@@ -168,6 +171,8 @@ def test_train_then_infer_uses_new_checkpoint(server, tmp_path):
     assert final["status"] == "DONE", final
     stats = server.client("info")["train_stats"]["ulite"]
     assert stats["epochs"] == 1
+    assert stats["val_records"] >= 1 and stats["best_metric_epoch"] == 1  # validated, best model published
+    assert stats["published_from"].endswith("model.pt")
     assert stats["train_records"] + stats["val_records"] >= 4  # 3 labelled at start + 1 saved by the previous test
     after = _sha(server.model_dir / "ulite.pt")
     assert after != before

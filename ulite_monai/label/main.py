@@ -11,7 +11,7 @@ Options (``--conf KEY VALUE`` of ``monailabel start_server``):
 - ``configs``: comma-separated config files merged onto the bundle's inference.json and train.json,
   e.g. ``configs/ulite_2d_paper.json`` for a 2D model.
 - ``model_dir``: where trained checkpoints are published (default: ``model/`` in this app folder).
-- ``fuse``: ``true`` (default) runs the BatchNorm-folded network for inference.
+- ``fuse``: ``true``/``false``: run the BatchNorm-folded network (default: the config's ``use_fused``).
 - ``preload``: ``true`` loads the weights at start.
 
 Nothing is downloaded: the network, configs and weights are local.
@@ -62,7 +62,7 @@ class ULiteApp(MONAILabelApp):
             self.bundle,
             self.model_dir,
             name=MODEL_NAME,
-            fuse=strtobool(self.conf.get("fuse", "true")),
+            fuse=strtobool(self.conf["fuse"]) if "fuse" in self.conf else None,
             preload=strtobool(self.conf.get("preload", "false")),
         )
         return {MODEL_NAME: infer}

@@ -21,36 +21,29 @@ from pathlib import Path
 APP_DIR = Path(__file__).resolve().parent
 
 
-def demo_studies(dest: Path, bundle_dir: Path | None = None) -> Path:
+def demo_studies(dest: Path, bundle_dir: str | None = None, configs: str | None = None) -> Path:
     """A MONAI Label studies folder over the bundle's demo dataset: every image at the top, the labels of
     the training split under ``labels/final`` (so training works at once; the other cases are left to annotate).
 
-    Files are symlinked, nothing is copied; the demo data are generated on first use by ``ulite_monai.data``.
+    Files are symlinked, nothing is copied; the bundle's own loader generates the demo data on first use.
     """
-    import json
-
-    from ulite_monai.data.demo import ensure_demo_dataset
+    from ulite_monai.bundle_utils import load_datalist
     from ulite_monai.label.lib.bundle import BundleSource
 
-    bundle = BundleSource(bundle_dir)
-    try:
-        dataset_dir = Path(bundle.parser("train").get_parsed_content("dataset_dir"))
-    except Exception:  # a bundle without that id: its conventional place
-        dataset_dir = bundle.bundle_dir / "dataset"
-    datalist_path = ensure_demo_dataset(dataset_dir)
-    with open(datalist_path) as f:
-        datalist = json.load(f)
+    parser = BundleSource(bundle_dir, configs).parser("train")
+    dataset_dir, demo = parser.get_parsed_content("dataset_dir"), parser.get_parsed_content("demo_data")
+    datalist = {split: load_datalist(dataset_dir, split, demo=demo) for split in ("training", "validation", "testing")}
     (dest / "labels" / "final").mkdir(parents=True, exist_ok=True)
     for split in ("training", "validation", "testing"):
         for rec in datalist.get(split, []):
-            image = (dataset_dir / rec["image"]).resolve()
+            image = Path(rec["image"]).resolve()
             link = dest / image.name
             if not link.is_symlink():
                 link.symlink_to(image)
             if split == "training" and rec.get("label"):
                 lab = dest / "labels" / "final" / image.name
                 if not lab.is_symlink():
-                    lab.symlink_to((dataset_dir / rec["label"]).resolve())
+                    lab.symlink_to(Path(rec["label"]).resolve())
     return dest
 
 
@@ -87,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if args.studies is None:
-        args.studies = str(demo_studies(Path(args.demo_dir), dict(args.conf).get("bundle")))
+        conf = dict(args.conf)
+        args.studies = str(demo_studies(Path(args.demo_dir), conf.get("bundle"), conf.get("configs")))
     elif not args.studies.startswith(("http://", "https://")) and not os.path.isdir(args.studies):
         raise SystemExit(f"--studies {args.studies}: no such folder (give a folder of NIfTI images or a DICOMweb URL)")
     if args.studies.startswith(("http://", "https://")) and shutil.which("itkimage2segimage", path=server_env()["PATH"]) is None:

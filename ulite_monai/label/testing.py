@@ -160,6 +160,35 @@ def run_label_python(code: str, *args: str, timeout: float = 300) -> str:
     return r.stdout
 
 
+_CHECKPOINT_SNIPPET = r"""
+import sys, torch
+from ulite_monai.label.lib.bundle import BundleSource
+bundle_dir, configs, out, calib = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
+parser = BundleSource(bundle_dir, configs).parser("inference")
+torch.manual_seed(0)
+net = parser.get_parsed_content("network_def").eval()
+if calib:
+    # shift the last layer's foreground bias so that about half of this image comes out foreground: the label
+    # then has structure (from the random features) and a flip or transpose anywhere would show
+    data = parser.get_parsed_content("preprocessing")({"image": calib})
+    with torch.no_grad():
+        logits = parser.get_parsed_content("inferer")(data["image"][None], net)
+    last = [m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1]
+    with torch.no_grad():
+        last.bias[1:] -= (logits[0, 1:] - logits[0, :1]).flatten(1).median(dim=1).values
+torch.save(net.state_dict(), out)
+"""
+
+
+def make_checkpoint(bundle_dir: str | Path, out: str | Path, configs: str = "", calibrate_on: str = "") -> None:
+    """A checkpoint of the bundle's ``network_def`` with seeded initial weights (saved as a plain state dict).
+
+    Args:
+        calibrate_on: an image; the foreground bias is shifted so that about half of it is segmented.
+    """
+    run_label_python(_CHECKPOINT_SNIPPET, str(bundle_dir), configs, str(out), calibrate_on)
+
+
 def orthanc_problem() -> str | None:
     if shutil.which("Orthanc") is None:
         return "Orthanc not installed: apt-get install -y orthanc orthanc-dicomweb"

@@ -10,12 +10,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from monai.inferers import Inferer, SimpleInferer
-from monai.transforms import Compose, LoadImaged, SaveImaged
+from monai.transforms import Compose, Lambdad, LoadImaged, SaveImaged
 
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.transform.post import Restored
 from monailabel.transform.pre import LoadImageTensord
 
 from .bundle import BundleSource
@@ -66,7 +65,7 @@ class ULiteInfer(BasicInferTask):
         model_dir: where the app's train task publishes ``<name>.pt``; that checkpoint, when present, wins over
             the bundle's own ``models/model.pt``.
         name: model name in MONAI Label (``ulite``), also the checkpoint file name.
-        fuse: run the fused (BatchNorm-folded) network, as every inference path of the project does by default.
+        fuse: run the fused (BatchNorm-folded) network; ``None`` follows the config's ``use_fused`` (default on).
         preload: load the network when the app starts rather than on the first request.
     """
 
@@ -75,14 +74,16 @@ class ULiteInfer(BasicInferTask):
         bundle: BundleSource,
         model_dir: str,
         name: str = "ulite",
-        fuse: bool = True,
+        fuse: bool | None = None,
         preload: bool = False,
         **kwargs: Any,
     ):
         self.bundle = bundle
         self.parser = bundle.parser("inference")
-        self.fuse = fuse
+        self.fuse = bool(self.parser.get_parsed_content("use_fused")) if fuse is None and "use_fused" in self.parser \
+            else fuse is not False
         self._lock = threading.Lock()
+        self._local = threading.local()
         network = self.parser.get_parsed_content("network_def", instantiate=True)
         spatial_dims = bundle.spatial_dims(self.parser)
         paths = [
@@ -104,32 +105,47 @@ class ULiteInfer(BasicInferTask):
         )
 
     # --- the pipeline, from the bundle ----------------------------------------------------------------------------
-    def _parsed_list(self, key: str) -> list[Callable]:
-        if key not in self.parser:
+    # One request parses the config once: the Invertd of `postprocessing` must see the very transform objects that
+    # `preprocessing` applied. MONAI Label calls pre_transforms, inferer and post_transforms of one request on one
+    # thread, so the parser of the request lives in a thread-local.
+    def _request_parser(self, fresh: bool = False):
+        if fresh or getattr(self._local, "parser", None) is None:
+            self._local.parser = self.bundle.parser("inference")
+        return self._local.parser
+
+    def _parsed_list(self, key: str, fresh: bool = False) -> list[Callable]:
+        parser = self._request_parser(fresh)
+        if key not in parser:
             return []
-        content = self.parser.get_parsed_content(key, instantiate=True, lazy=False)
+        content = parser.get_parsed_content(key, instantiate=True)
         return list(content.transforms) if isinstance(content, Compose) else list(content)
 
     def pre_transforms(self, data: Any = None) -> Sequence[Callable]:
         pre = []
-        for t in self._parsed_list("preprocessing"):
+        for t in self._parsed_list("preprocessing", fresh=True):
             # MONAI Label sessions may hand over an already loaded array; the wrapper loads paths as before.
             pre.append(LoadImageTensord(keys=t.keys, load_image_d=t) if isinstance(t, LoadImaged) else t)
         return pre
 
     def inferer(self, data: Any = None) -> Inferer:
-        if "inferer" not in self.parser:
+        parser = self._request_parser()
+        if "inferer" not in parser:
             return SimpleInferer()
-        return self.parser.get_parsed_content("inferer", instantiate=True, lazy=False)
+        return parser.get_parsed_content("inferer", instantiate=True)
 
     def inverse_transforms(self, data: Any = None) -> None:
         return None  # the bundle's postprocessing inverts the preprocessing itself (Invertd)
 
     def post_transforms(self, data: Any = None) -> Sequence[Callable]:
         # The server writes the result itself; the bundle's SaveImaged would leave copies on disk.
+        # The bundle's Invertd has put the prediction back on the input's grid (its affine travels with the
+        # MetaTensor, which MONAI Label's writer uses); the writer wants the label without its channel axis.
         post = [t for t in self._parsed_list("postprocessing") if not isinstance(t, SaveImaged)]
-        post.append(Restored(keys=self.output_label_key, ref_image=self.input_key))
+        post.append(Lambdad(keys=self.output_label_key, func=self._drop_channel))
         return post
+
+    def _drop_channel(self, pred: Any) -> Any:
+        return pred[0] if pred.ndim == self.dimension + 1 and pred.shape[0] == 1 else pred
 
     # --- weights ------------------------------------------------------------------------------------------------
     def _get_network(self, device: str, data: Any) -> torch.nn.Module:

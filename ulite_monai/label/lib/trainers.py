@@ -121,32 +121,40 @@ class ULiteTrain(TrainTask):
         max_epochs = int(request.get("max_epochs", 10))
         device = name_to_device(request.get("device"))
         run_dir = tempfile.mkdtemp(prefix=f"{self.name}_run_", dir=self.model_dir)
+        try:
+            return self._train(request, train_ds, val_ds, max_epochs, device, run_dir, t0)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _train(self, request, train_ds, val_ds, max_epochs, device, run_dir, t0) -> dict[str, Any]:
         logger.info(f"Train {self.name}: {len(train_ds)} train / {len(val_ds)} val records, {max_epochs} epochs, "
                     f"device {device}, run folder {run_dir}")
 
         overrides: dict[str, Any] = {
-            "train#dataset#data": train_ds,
-            "train#trainer#max_epochs": max_epochs,
             "device": f"$torch.device('{device}')",
+            "progress_bar": False,  # tqdm bars would flood the task log MONAI Label keeps
         }
-        # outputs of the bundle go to the run folder, never into the bundle itself
-        for key in ("ckpt_dir", "output_dir", "log_dir"):
-            overrides[key] = os.path.join(run_dir, key.removesuffix("_dir"))
-        if val_ds:
-            overrides["validate#dataset#data"] = val_ds
-        extra = request.get("bundle_overrides") or {}
-        if isinstance(extra, str):
-            extra = json.loads(extra)
-        overrides.update(extra)
-
         workflow = ConfigWorkflow(
             config_file=self.bundle.config_files("train"),
             meta_file=self.bundle.meta_file,
             workflow_type="train",
             **{"bundle_root": str(self.bundle.bundle_dir)},
         )
+        parser = workflow.parser
+        # the datastore's labelled images replace the bundle's dataset (its own ids if it has them)
+        overrides["train_datalist" if "train_datalist" in parser else "train#dataset#data"] = train_ds
+        overrides["val_datalist" if "val_datalist" in parser else "validate#dataset#data"] = val_ds
+        overrides["max_epochs" if "max_epochs" in parser else "train#trainer#max_epochs"] = max_epochs
+        # outputs of the bundle go to the run folder, never into the bundle itself
+        for key in ("ckpt_dir", "output_dir", "log_dir"):
+            overrides[key] = os.path.join(run_dir, key.removesuffix("_dir"))
+        extra = request.get("bundle_overrides") or {}
+        if isinstance(extra, str):
+            extra = json.loads(extra)
+        overrides.update(extra)
+
         for k, v in overrides.items():
-            workflow.parser[k] = v
+            parser[k] = v
         if not val_ds:
             self._drop_validation(workflow)
         workflow.initialize()
@@ -158,7 +166,8 @@ class ULiteTrain(TrainTask):
             logger.info(f"Starting from {start}")
         workflow.run()
         trainer = workflow.parser.get_parsed_content("train#trainer")
-        best = self._best_checkpoint(overrides["ckpt_dir"]) if val_ds else None
+        best = os.path.join(overrides["ckpt_dir"], "model.pt")  # the bundle's CheckpointSaver: best val metric
+        best = best if val_ds and os.path.isfile(best) else None
         state = load_state_dict(best) if best else {k: v.detach().cpu() for k, v in network.state_dict().items()}
         _atomic_save(state, self.published_path)
         workflow.finalize()
@@ -178,17 +187,8 @@ class ULiteTrain(TrainTask):
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         _atomic_json(stats, self.stats_path)
-        shutil.rmtree(run_dir, ignore_errors=True)
         logger.info(f"Train {self.name} finished: {stats}")
         return stats
-
-    @staticmethod
-    def _best_checkpoint(ckpt_dir: str) -> str | None:
-        if not os.path.isdir(ckpt_dir):
-            return None
-        files = sorted((os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir) if f.endswith(".pt")),
-                       key=os.path.getmtime)
-        return files[-1] if files else None
 
     @staticmethod
     def _drop_validation(workflow: ConfigWorkflow) -> None:
