@@ -111,7 +111,7 @@ def make_demo_case(seed: int, with_label: bool = True) -> tuple[np.ndarray, np.n
 
     # target: lobulated blob made of 2-4 rotated ellipsoids around a common centre
     t_centre = rng.uniform(-0.3, 0.3, size=3) * body_r
-    size = rng.uniform(12, 26)
+    size = rng.uniform(15, 28)
     target = np.zeros(shape, dtype=np.float32)
     for _ in range(int(rng.integers(2, 5))):
         c = t_centre + rng.normal(scale=size * 0.35, size=3)
@@ -139,7 +139,7 @@ def make_demo_case(seed: int, with_label: bool = True) -> tuple[np.ndarray, np.n
     img = img * (1 - distract) + distract_img * distract
     bias = _smooth_field(rng, coords, float(half.max()), amplitude=0.15)
     img = np.where(img > -500, img * bias, img)  # bias acts on tissue, not on air
-    img = _blur(img) + rng.normal(scale=rng.uniform(12, 22), size=shape)
+    img = _blur(img) + rng.normal(scale=rng.uniform(10, 18), size=shape)
     image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
     label = (target > 0.5).astype(np.uint8)
     return image, label, affine
