@@ -70,31 +70,82 @@ class PointwiseConv(nn.Module):
     """A 1x1 (x1) convolution that runs as one matrix multiply on channels-last tensors.
 
     On a channels-last input the channels are the innermost dim, so ``x.movedim(1, -1)`` is a contiguous
-    ``(..., C)`` view and the conv is ``F.linear`` (one GEMM with the bias fused); the result moved back is
-    channels-last again. Other inputs use the plain convolution.
+    ``(..., C)`` view and the conv is ``F.linear`` (one GEMM); the result moved back is channels-last again.
+    Other inputs use the plain convolution. ``use_bias=False`` drops the bias (callers add it later, at a
+    lower resolution).
     """
 
-    def __init__(self, conv: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, conv: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 use_bias: bool = True) -> None:
         super().__init__()
         w = conv.weight if weight is None else weight
-        b = (conv.bias if conv.bias is not None else torch.zeros(w.shape[0])) if bias is None else bias
+        if bias is None:
+            bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0])
         self.spatial_dims = w.ndim - 2
+        self.use_bias = bool(use_bias)
         self.weight = nn.Parameter(w.detach().reshape(w.shape[0], w.shape[1]).float().clone(), requires_grad=False)
-        self.bias = nn.Parameter(b.detach().float().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b: torch.Tensor | None = self.bias if self.use_bias else None
         if self.spatial_dims == 2 and x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+            return F.linear(x.permute(0, 2, 3, 1), self.weight, b).permute(0, 3, 1, 2)
         if self.spatial_dims == 3 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return F.linear(x.permute(0, 2, 3, 4, 1), self.weight, self.bias).permute(0, 4, 1, 2, 3)
+            return F.linear(x.permute(0, 2, 3, 4, 1), self.weight, b).permute(0, 4, 1, 2, 3)
         w = self.weight
         for _ in range(self.spatial_dims):
             w = w.unsqueeze(-1)
         if self.spatial_dims == 2:
-            return F.conv2d(x, w, self.bias)
+            return F.conv2d(x, w, b)
         if self.spatial_dims == 3:
-            return F.conv3d(x, w, self.bias)
-        return F.conv1d(x, w, self.bias)
+            return F.conv3d(x, w, b)
+        return F.conv1d(x, w, b)
+
+
+def upsample_add(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``nearest_upsample_x2(low) + high`` in one broadcast add on channels-last tensors (no up-sampled copy)."""
+    if low.dim() == 4 and high.is_contiguous(memory_format=torch.channels_last) and low.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        n, c, h, w = high.shape
+        hi = high.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
+        lo = low.permute(0, 2, 3, 1).reshape(n, h // 2, 1, w // 2, 1, c)
+        return (hi + lo).reshape(n, h, w, c).permute(0, 3, 1, 2)
+    if low.dim() == 5 and high.is_contiguous(memory_format=torch.channels_last_3d) and low.is_contiguous(
+        memory_format=torch.channels_last_3d
+    ):
+        n, c, d, h, w = high.shape
+        hi = high.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
+        lo = low.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w // 2, 1, c)
+        return (hi + lo).reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+    return F.interpolate(low, scale_factor=2.0, mode="nearest") + high
+
+
+class MaxPool2x(nn.Module):
+    """Max-pooling by 2 along every spatial dim (even sizes), as elementwise maxima of strided views on
+    channels-last tensors (several times faster than oneDNN's pooling there); plain max-pool otherwise."""
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial_dims == 2 and x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = x.shape
+            z = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
+            z = torch.maximum(z[:, :, 0], z[:, :, 1])
+            return torch.maximum(z[:, :, :, 0], z[:, :, :, 1]).permute(0, 3, 1, 2)
+        if self.spatial_dims == 3 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            n, c, d, h, w = x.shape
+            z = x.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
+            z = torch.maximum(z[:, :, 0], z[:, :, 1])
+            z = torch.maximum(z[:, :, :, 0], z[:, :, :, 1])
+            return torch.maximum(z[:, :, :, :, 0], z[:, :, :, :, 1]).permute(0, 4, 1, 2, 3)
+        if self.spatial_dims == 2:
+            return F.max_pool2d(x, 2)
+        if self.spatial_dims == 3:
+            return F.max_pool3d(x, 2)
+        return F.max_pool1d(x, 2)
 
 
 class FusedAxialDW(nn.Module):
@@ -159,13 +210,16 @@ class FusedEncoderBlock(nn.Module):
         super().__init__()
         s, t = _bn_affine(block.norm)
         self.dw = FusedAxialDW(block.dw, s, t, merge=merge)
-        self.pw = PointwiseConv(block.pw)
-        self.pool = copy.deepcopy(block.pool)
+        # max(x + b) == max(x) + b per channel: the bias is added after pooling, at a quarter of the voxels
+        self.pw = PointwiseConv(block.pw, use_bias=False)
+        nd = block.pw.weight.ndim - 2
+        self.pw_bias = nn.Parameter(_bias(block.pw).float().view((1, -1) + (1,) * nd), requires_grad=False)
+        self.pool = MaxPool2x(nd)
         self.act = copy.deepcopy(block.act)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.dw(x)
-        return self.act(self.pool(self.pw(skip))), skip
+        return self.act(self.pool(self.pw(skip)) + self.pw_bias), skip
 
 
 class FusedDecoderBlock(nn.Module):
@@ -178,14 +232,15 @@ class FusedDecoderBlock(nn.Module):
         w = pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1))
         b = _bias(pw) * s + t
         n_up = pw.in_channels - pw.out_channels
-        self.pw_up = PointwiseConv(pw, w[:, :n_up], torch.zeros_like(b))
-        self.pw_skip = PointwiseConv(pw, w[:, n_up:], b)
+        # the merged bias rides on the coarse half (added before up-sampling, at 1 / 2**d of the voxels)
+        self.pw_up = PointwiseConv(pw, w[:, :n_up], b)
+        self.pw_skip = PointwiseConv(pw, w[:, n_up:], torch.zeros_like(b), use_bias=False)
         self.dw = FusedAxialDW(block.dw, merge=merge)
         self.pw2 = PointwiseConv(block.pw2)
         self.act = copy.deepcopy(block.act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(self.pw_up(x), scale_factor=2.0, mode="nearest") + self.pw_skip(skip)
+        x = upsample_add(self.pw_up(x), self.pw_skip(skip))
         return self.act(self.pw2(self.dw(x)))
 
 
