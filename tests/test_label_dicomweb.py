@@ -22,8 +22,10 @@ from ulite_monai.label.testing import (
     Orthanc,
     ci_requires,
     label_env_problem,
-    orthanc_problem,
     make_checkpoint,
+    offline_network,
+    offline_problem,
+    orthanc_problem,
 )
 
 pytestmark = [pytest.mark.label, pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -69,20 +71,23 @@ def write_ct_series(folder: Path) -> tuple[str, list[Path]]:
 def test_dicomweb_infer_and_save_label(tmp_path):
     ci_requires(label_env_problem())
     ci_requires(orthanc_problem())
+    ci_requires(offline_problem())
     series, files = write_ct_series(tmp_path / "dicom")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
     ref = reader.Execute()
 
-    with Orthanc(tmp_path / "orthanc") as orthanc:
+    # Orthanc, the Label server and the clients share a network namespace with loopback only: the DICOMweb
+    # datastore must start without downloading dcmqi (itkimage2segimage comes from the dcmqi wheel)
+    with offline_network(), Orthanc(tmp_path / "orthanc") as orthanc:
         orthanc.upload(files)
         srv = LabelServer(orthanc.dicomweb, tmp_path / "srv", conf={"bundle": str(BUNDLE)},
-                          env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")})
+                          env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
         srv.model_dir.mkdir(parents=True)
         make_checkpoint(BUNDLE, srv.model_dir / "ulite.pt")
         with srv:
-            objects = srv.client("datastore")["objects"]
-            assert series in objects
+            sample = srv.client("next-sample", "--strategy", "first")  # QIDO search of Orthanc
+            assert sample["id"] == series
 
             res = srv.client("infer", series, "--out", str(tmp_path / "pred"))
             label = sitk.ReadImage(res["label"])
@@ -104,4 +109,5 @@ def test_dicomweb_infer_and_save_label(tmp_path):
             assert len(segs) == 1
             seg = segs[0]
             assert seg["StudyInstanceUID"] == pydicom.dcmread(files[0]).StudyInstanceUID
-            assert srv.client("next-sample", "--strategy", "first") == {}  # the only series is now labelled
+            assert seg["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == series
+            assert (tmp_path / "cache").is_dir()  # the server cached the series where it was told, not in $HOME

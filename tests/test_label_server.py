@@ -1,7 +1,8 @@
 """MONAI Label app: a real server on 127.0.0.1 driven by the real ``MONAILabelClient``.
 
-The server and the client run in the Label environment (``make label-venv``); this test file only starts
-processes and checks files. Locally the tests skip without that environment; under CI=true they fail.
+The server and the client run in the Label environment (``make label-venv``), inside a network namespace that
+has only loopback (so start, infer and train provably download nothing); this file starts processes and checks
+files. Locally the tests skip without that environment; under CI=true they fail.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ulite_monai.label.testing import (
     ci_requires,
     label_env_problem,
     make_checkpoint,
+    offline_network,
+    offline_problem,
     run_label_python,
 )
 
@@ -68,6 +71,7 @@ def _affine(spacing, flip_x: bool, origin) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ci_requires(label_env_problem())
+    ci_requires(offline_problem())
     root = tmp_path_factory.mktemp("label")
     studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
@@ -86,7 +90,8 @@ def server(tmp_path_factory):
     make_checkpoint(BUNDLE, srv.model_dir / "ulite.pt", str(override), calibrate_on=str(studies / "vol_1.nii.gz"))
     srv.studies_dir = studies
     srv.override = override
-    with srv:
+    # the server, its training subprocesses and the clients run with loopback only: nothing can be downloaded
+    with offline_network(), srv:
         yield srv
 
 

@@ -6,6 +6,8 @@ environment's python (``.venv-label/bin/python``), so this module imports neithe
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -264,6 +267,47 @@ class Orthanc:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def offline_problem() -> str | None:
+    """``None`` when this machine lets us make a network namespace with only loopback (root, util-linux, ip)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare (util-linux) or ip (iproute2) missing"
+    r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    return None
+
+
+@contextlib.contextmanager
+def offline_network():
+    """Run the block (and every process it starts) in a fresh network namespace that has only loopback.
+
+    A server started inside cannot download anything: what works here works offline. The calling thread moves
+    into the namespace and is moved back afterwards.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(_CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+            links = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
+            names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if line.strip()]
+            if names != ["lo"]:
+                raise RuntimeError(f"offline namespace has other interfaces: {names}")
+            yield
+        finally:
+            if libc.setns(original, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back to the original network namespace: {os.strerror(err)}")
+    finally:
+        os.close(original)
 
 
 def ci_requires(problem: str | None) -> None:
