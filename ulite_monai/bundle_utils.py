@@ -310,16 +310,18 @@ class AtomicNibabelWriter(NibabelWriter):
 
 
 def report_evaluation(output_dir: str | os.PathLike) -> dict:
-    """Print the summary written by ``MetricsSaver`` (``metric_summary.csv``) and the per-case CSV paths."""
+    """Print and return the metrics written by ``MetricsSaver`` (``metrics.csv``) and the CSV paths."""
+    import csv
+
     out = Path(output_dir)
-    summary = out / "metric_summary.csv"
-    rows: dict = {}
-    if summary.is_file():
-        lines = summary.read_text().strip().splitlines()
-        header = lines[0].split("\t")
-        for line in lines[1:]:
-            cells = line.split("\t")
-            rows[cells[0]] = dict(zip(header[1:], cells[1:]))
-    info = {"summary": str(summary), "per_case": sorted(str(p) for p in out.glob("*_raw.csv")), "metrics": rows}
+    metrics = {}
+    if (out / "metrics.csv").is_file():
+        with open(out / "metrics.csv") as f:
+            metrics = {row[0]: float(row[1]) for row in csv.reader(f) if len(row) >= 2}
+    info = {
+        "metrics": metrics,
+        "per_case": sorted(str(p) for p in out.glob("*_raw.csv")),
+        "summaries": sorted(str(p) for p in out.glob("*_summary.csv")),
+    }
     print(f"ulite evaluation done: {json.dumps(info)}", flush=True)
     return info
