@@ -17,7 +17,9 @@ re-orientations of two of them, and optionally the Colin27 head):
 
 Step 4 needs a prediction with foreground. Without ``--checkpoint`` the network from the bundle's
 ``network_def`` gets an output bias that predicts foreground wherever the bundle's preprocessing
-keeps the image (its CropForegroundd box), a geometry probe, not a segmentation model.
+keeps the image (its CropForegroundd box), a geometry probe, not a segmentation model; the
+bundle's ``intensity_range`` is set to ``--probe-range`` (default 400..1400) so that box is a
+part of the volume (bone in CT, bright tissue in MR) or nothing (status ``empty``).
 
 Usage::
 
@@ -41,6 +43,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ulite_monai.batch.throughput import foreground_probe_checkpoint  # noqa: E402
 from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg  # noqa: E402
 from ulite_monai.io.dicom_series import discover_inputs, load_series_volume  # noqa: E402
 from ulite_monai.io.dicom_write import sitk_to_dicom_series  # noqa: E402
@@ -113,21 +116,6 @@ def _seg_frames(path):
     return frames
 
 
-def foreground_checkpoint(bundle: Path, path: Path) -> None:
-    import torch
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    net = parser.get_parsed_content("network_def")
-    state = net.state_dict()
-    n_out = int(parser["out_channels"])
-    key = [k for k, v in state.items() if k.endswith("bias") and tuple(v.shape) == (n_out,)][-1]
-    state[key] = torch.tensor([-30.0] + [30.0] * (n_out - 1))
-    torch.save(state, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "real")
@@ -137,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--colin", action="store_true", help="also convert the Colin27 head (181 slices)")
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--probe-range", type=float, nargs=2, default=(400.0, 1400.0))
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"data folder {args.data} not found (see ../shared/data/real/README.md)", file=sys.stderr)
@@ -171,8 +160,9 @@ def main(argv=None) -> int:
         # 3. SEG with the real mask
         mask_on_vol = _same_grid_values(label, vol.to_sitk(), 0)
         t0 = time.perf_counter()
-        seg_path = write_dicom_seg(mask_on_vol, vol, segments, args.work / "seg_truth" / f"{name}.seg.dcm",
-                                   "ground truth", "1")
+        seg_path = write_dicom_seg(
+            mask_on_vol, vol, segments, args.work / "seg_truth" / f"{name}.seg.dcm", "ground truth", "1"
+        )
         seg_s = time.perf_counter() - t0
         frames = _seg_frames(seg_path)
         lab = sitk.GetArrayFromImage(label)
@@ -192,7 +182,9 @@ def main(argv=None) -> int:
             "direction_det": round(det, 3),
             "slices": series.num_slices,
             "reader_max_abs_diff": reader_diff,
-            "rebuilt_reversed": bool(np.dot(vol.direction[:, 2], np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]) < 0),
+            "rebuilt_reversed": bool(
+                np.dot(vol.direction[:, 2], np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]) < 0
+            ),
             "truth_seg_voxels": int(lab.sum()),
             "truth_seg_mismatch_voxels": mism,
             "truth_seg_frame_pos_err_mm": round(pos_err, 6),
@@ -205,13 +197,24 @@ def main(argv=None) -> int:
     if not args.skip_batch:
         from ulite_monai.batch.runner import BatchOptions, run_batch
 
-        ckpt = args.checkpoint
+        ckpt, overrides = args.checkpoint, {}
         if ckpt is None:
             ckpt = args.work / "foreground_probe.pt"
-            foreground_checkpoint(args.bundle, ckpt)
+            foreground_probe_checkpoint(args.bundle, ckpt)
+            overrides["intensity_range"] = list(args.probe_range)
         out = args.work / "out"
-        summary = run_batch(BatchOptions(input_dir=dicom_root, output_dir=out, bundle_dir=args.bundle, rules=None,
-                                         device=args.device, checkpoint=ckpt, progress=True))
+        summary = run_batch(
+            BatchOptions(
+                input_dir=dicom_root,
+                output_dir=out,
+                bundle_dir=args.bundle,
+                rules=None,
+                device=args.device,
+                checkpoint=ckpt,
+                progress=True,
+                overrides=overrides,
+            )
+        )
         rows = {}
         for line in (out / "manifest.jsonl").read_text().splitlines():
             r = json.loads(line)
@@ -241,15 +244,26 @@ def main(argv=None) -> int:
                 res["batch_seg_vs_nifti_mismatch_voxels"] = mism
                 res["batch_seg_frame_pos_err_mm"] = round(pos_err, 6)
                 res["batch_seg_dciodvfy_errors"] = _dciodvfy(out / row["outputs"]["seg"])
-            print(name, "batch", json.dumps({k: v for k, v in res.items() if k.startswith(("batch", "nifti"))}), flush=True)
+            print(
+                name,
+                "batch",
+                json.dumps({k: v for k, v in res.items() if k.startswith(("batch", "nifti"))}),
+                flush=True,
+            )
         results["_batch_summary"] = summary
     (args.work / "report.json").write_text(json.dumps(results, indent=2, default=str))
     bad = [
-        n for n, r in results.items()
-        if not n.startswith("_") and (
-            r["reader_max_abs_diff"] or r["truth_seg_mismatch_voxels"] or r["truth_seg_dciodvfy_errors"]
-            or r.get("batch_seg_vs_nifti_mismatch_voxels") or r.get("batch_seg_dciodvfy_errors")
-            or r.get("nifti_grid_offset_voxels", 0) > 1e-3 or r.get("nifti_outside_voxels")
+        n
+        for n, r in results.items()
+        if not n.startswith("_")
+        and (
+            r["reader_max_abs_diff"]
+            or r["truth_seg_mismatch_voxels"]
+            or r["truth_seg_dciodvfy_errors"]
+            or r.get("batch_seg_vs_nifti_mismatch_voxels")
+            or r.get("batch_seg_dciodvfy_errors")
+            or r.get("nifti_grid_offset_voxels", 0) > 1e-3
+            or r.get("nifti_outside_voxels")
             or r.get("batch_status", "done") not in ("done", "empty")
         )
     ]

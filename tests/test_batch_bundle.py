@@ -13,7 +13,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
 from dicom_fixtures import (
     REAL_BUNDLE,
     dciodvfy_errors,
@@ -25,21 +24,8 @@ from dicom_fixtures import (
 )
 from test_batch_cli import run_main
 
+from ulite_monai.batch.throughput import foreground_probe_checkpoint
 from ulite_monai.io.dicom_write import write_dicom_series
-
-
-def _foreground_checkpoint(path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(REAL_BUNDLE / "configs" / "inference.json"))
-    parser["bundle_root"] = str(REAL_BUNDLE)
-    net = parser.get_parsed_content("network_def")
-    state = net.state_dict()
-    n_out = int(parser["out_channels"])
-    last_bias = [k for k, v in state.items() if k.endswith("bias") and tuple(v.shape) == (n_out,)][-1]
-    state[last_bias] = torch.tensor([-30.0] + [30.0] * (n_out - 1))
-    torch.save(state, path)
 
 
 @pytest.mark.slow
@@ -54,7 +40,7 @@ def test_real_bundle_seg_matches_nifti_at_every_source_plane(tmp_path, capsys):
     }
     paths = write_dicom_series(ct, tmp_path / "in" / "ct", rescale=(1.0, -1024.0), **geo)
     ckpt = tmp_path / "fg.pt"
-    _foreground_checkpoint(ckpt)
+    foreground_probe_checkpoint(REAL_BUNDLE, ckpt)
     out = tmp_path / "out"
     rc, stdout, err = run_main(
         [tmp_path / "in", out, "--bundle", REAL_BUNDLE, "--checkpoint", ckpt, "--device", "cpu", "--no-progress"],

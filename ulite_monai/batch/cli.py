@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="inference config file(s), merged in order (default: <bundle>/configs/inference.json); "
-        "repeat to add overrides, e.g. --config <bundle>/configs/inference.json --config configs/3d_ct.json",
+        "repeat to merge overrides, e.g. --config <bundle>/configs/inference.json --config configs/<override>.json",
     )
     p.add_argument(
         "--rules",

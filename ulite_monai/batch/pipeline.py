@@ -107,7 +107,17 @@ class BundlePipeline:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
+        self._quiet_savers(self.postprocessing)
         self.staging_dir = Path(staging_dir)
+
+    @staticmethod
+    def _quiet_savers(transform) -> None:
+        """The manifest records every file; the bundle's SaveImaged need not print each one."""
+        from monai.transforms import SaveImaged
+
+        for t in getattr(transform, "transforms", ()):
+            if isinstance(t, SaveImaged):
+                t.set_options(write_kwargs={"verbose": False})
 
     # -- identity -------------------------------------------------------------------------------------
     @property

@@ -40,6 +40,27 @@ def body_phantom(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return np.clip(np.round(vol), -1024, 3000).astype(np.int16)
 
 
+def foreground_probe_checkpoint(bundle: Path, path: Path) -> Path:
+    """Weights for the bundle's ``network_def`` whose output bias says "foreground" everywhere.
+
+    Through the bundle pipeline this labels the CropForegroundd box of each input: a geometry
+    and output-path probe (SEG frames get written), not a segmentation model.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle) / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    net = parser.get_parsed_content("network_def")
+    state = net.state_dict()
+    n_out = int(parser["out_channels"])
+    key = [k for k, v in state.items() if k.endswith("bias") and tuple(v.shape) == (n_out,)][-1]
+    state[key] = torch.tensor([-30.0] + [30.0] * (n_out - 1))
+    torch.save(state, path)
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", type=int, default=20)
@@ -47,6 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("X", "Y", "Z"))
     p.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parents[2] / "bundles" / "ulite")
     p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="foreground-probe weights (every series gets a SEG written) instead of random weights",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="ID=JSON", help="bundle config override")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", type=Path, default=None)
@@ -72,6 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
             series_number=i + 1,
         )
     gen_s = time.perf_counter() - t0
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.probe:
+        checkpoint = foreground_probe_checkpoint(args.bundle, work / "probe.pt")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     runs = {}
     for name, prefetch in [("prefetch", True)] + ([("no_prefetch", False)] if args.compare_no_prefetch else []):
         out = work / f"out_{name}"
@@ -82,8 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
             bundle_dir=args.bundle,
             rules=None,
             device=args.device,
-            checkpoint=args.checkpoint,
-            allow_random_weights=args.checkpoint is None,
+            checkpoint=checkpoint,
+            allow_random_weights=checkpoint is None,
+            overrides=overrides,
             prefetch=prefetch,
             progress=True,
         )
@@ -109,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shape_zyx": list(args.shape),
         "spacing_xyz_mm": list(args.spacing),
         "torch_threads": torch.get_num_threads(),
+        "weights": "checkpoint" if args.checkpoint else ("foreground probe" if args.probe else "random"),
         "generate_s": round(gen_s, 2),
         "runs": runs,
     }
