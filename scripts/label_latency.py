@@ -10,8 +10,8 @@ the server and client run in the Label environment (``make label-venv``).
     .venv/bin/python scripts/label_latency.py --image ../shared/data/real/lung2_image.nrrd
     .venv/bin/python scripts/label_latency.py --image a.nii.gz --image b.nrrd --repeat 5 --json out.json
 
-Weights: the bundle's ``models/model.pt`` when present, else freshly initialised ones (latency does not depend
-on the weight values; the output says which).
+Weights: freshly initialised ones of the bundle's ``network_def`` (latency does not depend on the weight
+values), or with ``--bundle-weights`` the bundle's own ``models/model.pt``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ def _image_id(path: Path) -> str:
 
 
 def _demo_volume(folder: Path) -> Path:
-    from ulite_monai.data.demo import ensure_demo_dataset
+    """The first unlabelled demo case (what the demo dataset calls imagesTs/test_000), generated on the spot."""
+    import nibabel as nib
 
-    datalist = json.loads(Path(ensure_demo_dataset(folder)).read_text())
-    return (folder / datalist["testing"][0]["image"]).resolve()
+    from ulite_monai.data.demo import make_demo_case
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image, _, affine = make_demo_case(20230616 + 10_000)
+    path = folder / "demo_test_000.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), str(path))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--bundle", default=str(REPO / "bundles" / "ulite"))
     p.add_argument("--configs", default="", help="comma-separated config overrides for the app")
+    p.add_argument("--bundle-weights", action="store_true", help="serve the bundle's models/model.pt")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -72,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         srv = LabelServer(str(studies), tmp / "srv", conf=conf)
         srv.model_dir.mkdir(parents=True)
         bundle_model = Path(args.bundle) / "models" / "model.pt"
-        weights = str(bundle_model) if bundle_model.is_file() else "freshly initialised (no bundle checkpoint)"
-        if not bundle_model.is_file():
+        if args.bundle_weights:
+            if not bundle_model.is_file():
+                sys.exit(f"--bundle-weights: {bundle_model} does not exist (train the bundle first)")
+            weights = str(bundle_model)
+        else:
+            weights = "freshly initialised"
             make_checkpoint(args.bundle, srv.model_dir / "ulite.pt", args.configs)
 
         report = {"host": platform.node(), "cpus": os.cpu_count(), "weights": weights, "images": []}

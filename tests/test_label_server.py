@@ -123,7 +123,7 @@ def test_infer_returns_label_aligned_with_input(server, tmp_path):
     run_label_python(
         "import sys, numpy as np, torch\n"
         "from ulite_monai.label.lib.bundle import BundleSource\n"
-        "from ulite_monai.label.lib.infers import load_state_dict\n"
+        "from ulite_monai.label.lib.checkpoint import load_state_dict\n"
         "b = BundleSource(sys.argv[1], sys.argv[2]); p = b.parser('inference')\n"
         "net = p.get_parsed_content('network_def'); net.load_state_dict(load_state_dict(sys.argv[4])); net.eval()\n"
         "d = p.get_parsed_content('preprocessing')({'image': sys.argv[3]})\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -18,43 +17,11 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.pre import LoadImageTensord
 
 from .bundle import BundleSource
+from .checkpoint import file_digest, load_state_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ULiteInfer", "load_state_dict", "file_digest"]
-
-
-def file_digest(path: str, n: int = 16) -> str:
-    """First ``n`` hex digits of the file's SHA-256 (reported with each result, so clients see which weights ran)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Weights from a checkpoint: a plain state dict or ``{"model": state_dict, ...}`` (bundle CheckpointSaver).
-
-    Loaded with ``weights_only=True``: a checkpoint that needs arbitrary code to unpickle is refused.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused, truncated file, not a torch file
-        raise MONAILabelException(
-            MONAILabelError.INFERENCE_ERROR,
-            f"Cannot load checkpoint {path} with weights_only=True ({type(e).__name__}: {e}). "
-            "Save a plain state dict (torch.save(net.state_dict(), path)) or retrain.",
-        ) from e
-    for key in ("model", "network", "state_dict"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise MONAILabelException(
-            MONAILabelError.INFERENCE_ERROR, f"{path} holds no state dict (expected tensors by parameter name)."
-        )
-    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+__all__ = ["ULiteInfer"]
 
 
 class ULiteInfer(BasicInferTask):
@@ -169,9 +136,10 @@ class ULiteInfer(BasicInferTask):
 
     def _build(self, path: str) -> torch.nn.Module:
         network = self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
-        state = load_state_dict(path)
         try:
-            network.load_state_dict(state, strict=True)
+            network.load_state_dict(load_state_dict(path), strict=True)
+        except ValueError as e:  # not loadable weights-only, or no state dict inside
+            raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, str(e)) from e
         except RuntimeError as e:
             raise MONAILabelException(
                 MONAILabelError.INFERENCE_ERROR,

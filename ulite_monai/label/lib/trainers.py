@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
 from .bundle import BundleSource
-from .infers import load_state_dict
+from .checkpoint import load_state_dict
 
 logger = logging.getLogger(__name__)
 
