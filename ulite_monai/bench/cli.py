@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=".ulite_cache/bench_demo",
                    help="demo dataset folder (generated on first use)")
     g.add_argument("--patch", type=int, default=64, help="cubic training patch edge")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (same for every model)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: the bundle's)")
     return p
 
 
@@ -106,6 +106,16 @@ def main(argv=None) -> int:
         "environment": report.environment(),
         "load_average_start": measure.load_average(),
     }
+
+    def save() -> list[Path]:
+        """Write what has been measured so far (after every mode, so an interrupted run keeps its results)."""
+        result["load_average_end"] = measure.load_average()
+        paths = [report.write_json(result, out / "benchmark.json"),
+                 report.write_text(report.markdown(result), out / "benchmark.md")]
+        if "speed" in result:
+            paths.append(report.plot(result["speed"], out / "latency_vs_params.png"))
+        return paths
+
     if "speed" in modes:
         from ulite_monai.bench.speed import run_speed
 
@@ -117,6 +127,7 @@ def main(argv=None) -> int:
             size_2d=args.size_2d or ((64, 64) if q else (256, 256)),
             size_3d=args.size_3d or ((32, 32, 32) if q else (128, 128, 128)),
             max_model_s=args.max_model_s, max_rss_gb=args.max_rss_gb, log=log)
+        save()
     if "sw" in modes:
         from ulite_monai.bench.sliding import bundle_inferer_settings, run_sliding_window, sweep_settings
 
@@ -137,18 +148,14 @@ def main(argv=None) -> int:
             args.sw_models, volume=args.sw_volume or ((64, 64, 32) if q else (512, 512, 128)),
             settings=settings, settings_source=source, max_model_s=args.max_model_s,
             max_rss_gb=args.max_rss_gb, log=log)
+        save()
     if "quality" in modes:
         from ulite_monai.bench.quality import run_quality
 
         result["quality"] = run_quality(
             args.quality_models, budget_cpu_s=args.budget_s if not q else min(args.budget_s, 5.0),
             data_dir=args.data_dir, patch=16 if q else args.patch, lr=args.lr, quick=q, log=log)
-    result["load_average_end"] = measure.load_average()
-    json_path = report.write_json(result, out / "benchmark.json")
-    md_path = report.write_text(report.markdown(result), out / "benchmark.md")
-    written = [json_path, md_path]
-    if "speed" in result:
-        written.append(report.plot(result["speed"], out / "latency_vs_params.png"))
+    written = save()
     for path in written:
         log(f"wrote {path}")
     return 0

@@ -40,6 +40,7 @@ def environment() -> dict:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
+    env["git"] = _git_state()
     try:
         import psutil
 
@@ -47,6 +48,21 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+def _git_state() -> dict | None:
+    """Commit of the source tree and whether the network code differs from it (figures follow the code)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "ulite_monai/networks"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": rev, "networks_modified": [ln[3:] for ln in dirty if ln.strip()]}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -158,7 +174,10 @@ def markdown(report: dict) -> str:
              f"Generated {report['created_utc']} by `{report['command']}`.", "",
              f"Machine: {env['cpu']}, {env['cpu_count']} logical CPUs, {env.get('memory_gb', '?')} GB RAM; "
              f"torch {env['torch']} with {env['torch_threads']} threads, MONAI {env['monai']}, "
-             f"ONNX Runtime {env['onnxruntime']}.",
+             f"ONNX Runtime {env['onnxruntime']}."
+             + (f" Source: commit {env['git']['commit']}"
+                + (f" with uncommitted changes in {', '.join(env['git']['networks_modified'])}"
+                   if env["git"]["networks_modified"] else "") + "." if env.get("git") else ""),
              f"Load average (1/5/15 min) at start {report.get('load_average_start')}, at end "
              f"{report.get('load_average_end')}: other processes shared the CPUs, so compare figures within "
              "this run (ratios), not across machines.", ""]
