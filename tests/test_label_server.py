@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import socket
 from pathlib import Path
 
 import nibabel as nib
@@ -45,6 +45,24 @@ TEST_OVERRIDE = {
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _listeners(port: int) -> list[str]:
+    """Addresses with a TCP socket listening on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr_hex, port_hex = fields[1].split(":")
+            if int(port_hex, 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                raw = bytes.fromhex(addr_hex)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # kernel words, host order
+                found.append(socket.inet_ntop(family, raw))
+    return found
 
 
 def _volume(path: Path, shape, affine, seed: int) -> None:
@@ -106,6 +124,7 @@ def test_info_lists_model_and_labels(server):
     assert model["dimension"] == 3
     assert "ulite" in info["trainers"]
     assert set(expected) <= set(info["labels"])
+    assert _listeners(server.port) == ["127.0.0.1"]  # loopback only
 
 
 def test_infer_returns_label_aligned_with_input(server, tmp_path):
