@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ulite_monai.label.lib.bundle import BundleSource
-from ulite_monai.label.lib.checkpoint import file_digest, load_state_dict
+from ulite_monai.label.lib.checkpoint import file_digest, load_state_dict, read_checkpoint
 from ulite_monai.label.serve import main as serve_main
 from ulite_monai.label.testing import REPO
 
@@ -56,6 +56,8 @@ def test_checkpoints_load_weights_only(tmp_path):
         got = load_state_dict(str(f))
         assert list(got) == ["w", "b"] and torch.equal(got["w"], sd["w"])
     assert file_digest(str(plain)) != file_digest(str(wrapped))
+    state, digest = read_checkpoint(str(wrapped))
+    assert digest == file_digest(str(wrapped)) and torch.equal(state["b"], sd["b"])
 
 
 class _Payload:

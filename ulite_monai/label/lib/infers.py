@@ -16,8 +16,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.pre import LoadImageTensord
 
+from ulite_monai.networks import inference_network
+
 from .bundle import BundleSource
-from .checkpoint import file_digest, load_state_dict
+from .checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,9 @@ class ULiteInfer(BasicInferTask):
     ):
         self.bundle = bundle
         self.parser = bundle.parser("inference")
-        self.fuse = bool(self.parser.get_parsed_content("use_fused")) if fuse is None and "use_fused" in self.parser \
-            else fuse is not False
+        if fuse is None:
+            fuse = bool(self.parser.get_parsed_content("use_fused")) if "use_fused" in self.parser else True
+        self.fuse = fuse
         self._lock = threading.Lock()
         self._local = threading.local()
         network = self.parser.get_parsed_content("network_def", instantiate=True)
@@ -67,7 +70,7 @@ class ULiteInfer(BasicInferTask):
             input_key=bundle.image_key,
             output_label_key=bundle.pred_key,
             load_strict=True,
-            preload=preload,
+            preload=preload and any(os.path.isfile(p) for p in paths),  # nothing to preload before training
             **kwargs,
         )
 
@@ -129,15 +132,18 @@ class ULiteInfer(BasicInferTask):
             cached = self._networks.get(device)
             if cached and cached[1] == (path, mtime):
                 return cached[0]
-            network = self._build(path).to(torch.device(device))
-            self._networks[device] = (network, (path, mtime), file_digest(path))
+            network, digest = self._build(path)
+            network = network.to(torch.device(device))
+            self._networks[device] = (network, (path, mtime), digest)
             logger.info(f"U-Lite weights loaded from {path} on {device}")
             return network
 
-    def _build(self, path: str) -> torch.nn.Module:
+    def _build(self, path: str) -> tuple[torch.nn.Module, str]:
+        """The configured network with the checkpoint's weights (fused if asked) and the checkpoint's digest."""
         network = self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
         try:
-            network.load_state_dict(load_state_dict(path), strict=True)
+            state, digest = read_checkpoint(path)
+            network.load_state_dict(state, strict=True)
         except ValueError as e:  # not loadable weights-only, or no state dict inside
             raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, str(e)) from e
         except RuntimeError as e:
@@ -146,14 +152,7 @@ class ULiteInfer(BasicInferTask):
                 f"Checkpoint {path} does not fit the bundle's network_def ({e}). "
                 "Was it trained with other config overrides (2D/3D, channels, labels)?",
             ) from e
-        network.eval()
-        if self.fuse:
-            try:
-                from ulite_monai.networks import inference_network
-            except ImportError:  # older package without fusion: plain eval-mode network
-                return network
-            network = inference_network(network, fuse=True)
-        return network
+        return inference_network(network.eval(), fuse=self.fuse), digest
 
     def writer(self, data: dict, extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
         result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
