@@ -83,6 +83,7 @@ class ULiteTrain(TrainTask):
             "val_split": 0.2,
             "pretrained": True,
             "seed": 0,
+            "val_interval": 0,  # 0: the bundle's, capped at max_epochs
         }
 
     def stats(self) -> dict[str, Any]:
@@ -145,6 +146,9 @@ class ULiteTrain(TrainTask):
         overrides["train_datalist" if "train_datalist" in parser else "train#dataset#data"] = train_ds
         overrides["val_datalist" if "val_datalist" in parser else "validate#dataset#data"] = val_ds
         overrides["max_epochs" if "max_epochs" in parser else "train#trainer#max_epochs"] = max_epochs
+        if val_ds and "val_interval" in parser:  # validate at least once, so a best checkpoint exists
+            interval = int(request.get("val_interval") or parser.get_parsed_content("val_interval"))
+            overrides["val_interval"] = max(1, min(interval, max_epochs))
         # outputs of the bundle go to the run folder, never into the bundle itself
         for key in ("ckpt_dir", "output_dir", "log_dir"):
             overrides[key] = os.path.join(run_dir, key.removesuffix("_dir"))
@@ -162,7 +166,13 @@ class ULiteTrain(TrainTask):
         network = workflow.parser.get_parsed_content("network")
         start = self._start_weights(request)
         if start:
-            network.load_state_dict(load_state_dict(start), strict=True)
+            try:
+                network.load_state_dict(load_state_dict(start), strict=True)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"Cannot start from {start}: it does not fit the configured network ({str(e)[:300]}...). "
+                    'Train from scratch with {"pretrained": false}, or remove that checkpoint.'
+                ) from e
             logger.info(f"Starting from {start}")
         workflow.run()
         trainer = workflow.parser.get_parsed_content("train#trainer")
