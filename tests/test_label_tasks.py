@@ -71,3 +71,47 @@ def test_infer_task_2d_by_config_and_weight_errors(tmp_path):
     assert label.shape == (90, 70)
     assert "No checkpoint" in out["no_checkpoint"] and "POST /train/ulite" in out["no_checkpoint"]
     assert "does not fit the bundle's network_def" in out["wrong_checkpoint"]
+
+
+TRAIN_SNIPPET = r"""
+import json, sys
+from ulite_monai.label.lib.bundle import BundleSource
+from ulite_monai.label.lib.trainers import ULiteTrain
+
+bundle, override, model_dir, records = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+
+class Store:  # the one datastore call the train task makes
+    def datalist(self):
+        return records
+
+task = ULiteTrain(BundleSource(bundle, override), model_dir)
+print(json.dumps(task({"max_epochs": 1, "val_split": 0, "pretrained": False, "device": "cpu"}, Store())))
+"""
+
+
+def test_train_task_without_validation_publishes_last_weights(tmp_path):
+    ci_requires(label_env_problem())
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    override = tmp_path / "small.json"
+    override.write_text(json.dumps({"patch_size": [32, 32, 32], "num_samples": 1, "batch_size": 1,
+                                    "cache_rate": 0.0, "num_workers": 0}))
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(2):
+        img = rng.normal(40, 30, (36, 36, 20))
+        lab = np.zeros(img.shape, np.uint8)
+        lab[10:24, 12:26, 6:14] = 1
+        img[lab > 0] += 200
+        affine = np.diag([1.5, 1.5, 2.5, 1.0])
+        nib.save(nib.Nifti1Image(img.astype(np.int16), affine), str(tmp_path / f"i{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, affine), str(tmp_path / f"l{i}.nii.gz"))
+        records.append({"image": str(tmp_path / f"i{i}.nii.gz"), "label": str(tmp_path / f"l{i}.nii.gz")})
+    model_dir = tmp_path / "model"
+    stats = json.loads(run_label_python(TRAIN_SNIPPET, str(bundle), str(override), str(model_dir),
+                                        json.dumps(records)).strip().splitlines()[-1])
+    assert stats["epochs"] == 1 and stats["train_records"] == 2 and stats["val_records"] == 0
+    assert stats["published_from"] == "last weights" and stats["start_weights"] is None
+    assert (model_dir / "ulite.pt").is_file()
+    assert sorted(p.name for p in model_dir.iterdir()) == ["ulite.pt", "ulite_train_stats.json"]  # run folder gone
+    assert not any(p.name != "configs" for p in bundle.iterdir()), "nothing written into the bundle"

@@ -110,7 +110,7 @@ class ULiteTrain(TrainTask):
         return train, val
 
     def _start_weights(self, request: dict) -> str | None:
-        if not request.get("pretrained", True):
+        if str(request.get("pretrained", True)).lower() in ("false", "0", "no", "none"):
             return None
         existing = [p for p in [*self.pretrained_paths, self.published_path] if os.path.isfile(p)]
         return existing[-1] if existing else None
