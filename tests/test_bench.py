@@ -129,3 +129,20 @@ def test_quick_quality_mode(tmp_path):
         assert len(r["dice_per_case"]) == q["num_val"] == 1
         assert 0.0 <= r["dice_mean"] <= 1.0
     assert q["runs"][0]["params"] < q["runs"][1]["params"]
+
+
+def test_update_keeps_other_modes(tmp_path):
+    out = tmp_path / "bench"
+    out.mkdir()
+    earlier_quality = {"budget_cpu_s": 1.0, "data": "d", "runs": []}
+    (out / "benchmark.json").write_text(json.dumps({
+        "created_utc": "then", "command": "python -m ulite_monai.bench --modes quality",
+        "quality": earlier_quality, "sliding_window": {"volume": [1, 1, 1], "runs": [], "best": {}}}))
+    rc = cli.main(["--quick", "--modes", "sw", "--update", "--sw-models", "monai-unet", "--sw-volume", "40", "40", "32",
+                   "--sw-batch", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "benchmark.json").read_text())
+    assert data["quality"] == earlier_quality  # kept
+    assert data["sliding_window"]["volume"] == [40, 40, 32]  # replaced by this run
+    assert data["earlier_runs"][0]["kept"] == ["quality"]
+    assert "are from an earlier run" in (out / "benchmark.md").read_text()

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, few models and repeats: a smoke run in well under a minute per mode")
     p.add_argument("--threads", type=int, default=0, help="torch/ONNX Runtime threads (0: torch's default)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other modes' results from an existing benchmark.json in --out and replace only "
+                        "the modes run now")
     g = p.add_argument_group("speed")
     g.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help=f"models to compare, or 'all' ({', '.join(MODELS)})")
@@ -106,6 +109,20 @@ def main(argv=None) -> int:
         "environment": report.environment(),
         "load_average_start": measure.load_average(),
     }
+
+    if args.update and (out / "benchmark.json").is_file():
+        import json
+
+        previous = json.loads((out / "benchmark.json").read_text())
+        kept = {k: previous[k] for k in ("speed", "sliding_window", "quality") if k in previous}
+        for mode, key in (("speed", "speed"), ("sw", "sliding_window"), ("quality", "quality")):
+            if mode in modes:
+                kept.pop(key, None)
+        if kept:
+            result.update(kept)
+            result["earlier_runs"] = previous.get("earlier_runs", []) + [
+                {k: previous.get(k) for k in ("created_utc", "command", "load_average_start", "load_average_end")}
+                | {"kept": sorted(kept)}]
 
     def save() -> list[Path]:
         """Write what has been measured so far (after every mode, so an interrupted run keeps its results)."""

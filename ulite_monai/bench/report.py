@@ -181,6 +181,10 @@ def markdown(report: dict) -> str:
              f"Load average (1/5/15 min) at start {report.get('load_average_start')}, at end "
              f"{report.get('load_average_end')}: other processes shared the CPUs, so compare figures within "
              "this run (ratios), not across machines.", ""]
+    for run in report.get("earlier_runs", []):
+        lines += [f"Results of {', '.join(run['kept'])} are from an earlier run: `{run['command']}` at "
+                  f"{run['created_utc']} (load average {run.get('load_average_start')} to "
+                  f"{run.get('load_average_end')}).", ""]
     if "speed" in report:
         lines += ["## Speed and memory", "",
                   "Latency: median and p90 of interleaved calls (one call per model in turn) after warm-up. "
