@@ -25,7 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ulite_monai.label.testing import REPO, LabelServer, label_env_problem, make_checkpoint
+from ulite_monai.label.testing import (
+    REPO,
+    LabelServer,
+    label_env_problem,
+    make_checkpoint,
+)
 
 
 def _image_id(path: Path) -> str:

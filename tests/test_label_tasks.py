@@ -9,7 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ulite_monai.label.testing import REPO, ci_requires, label_env_problem, run_label_python
+from ulite_monai.label.testing import (
+    REPO,
+    ci_requires,
+    label_env_problem,
+    run_label_python,
+)
 
 pytestmark = [pytest.mark.label, pytest.mark.slow, pytest.mark.timeout(600)]
 

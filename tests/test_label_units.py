@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from ulite_monai.label.lib.bundle import BundleSource
-from ulite_monai.label.lib.checkpoint import file_digest, load_state_dict, read_checkpoint
+from ulite_monai.label.lib.checkpoint import (
+    file_digest,
+    load_state_dict,
+    read_checkpoint,
+)
 from ulite_monai.label.serve import main as serve_main
 from ulite_monai.label.testing import REPO
 

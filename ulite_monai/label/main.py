@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
 
 import monailabel
 from monailabel.interfaces.app import MONAILabelApp
@@ -42,7 +41,7 @@ MODEL_NAME = "ulite"
 
 
 class ULiteApp(MONAILabelApp):
-    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.bundle = BundleSource(conf.get("bundle") or None, conf.get("configs") or None)
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         os.makedirs(self.model_dir, exist_ok=True)
@@ -57,7 +56,7 @@ class ULiteApp(MONAILabelApp):
             version=self.bundle.version or "0",
         )
 
-    def init_infers(self) -> Dict[str, InferTask]:
+    def init_infers(self) -> dict[str, InferTask]:
         infer = ULiteInfer(
             self.bundle,
             self.model_dir,
@@ -67,9 +66,9 @@ class ULiteApp(MONAILabelApp):
         )
         return {MODEL_NAME: infer}
 
-    def init_trainers(self) -> Dict[str, TrainTask]:
+    def init_trainers(self) -> dict[str, TrainTask]:
         bundle_model = os.path.join(self.bundle.bundle_dir, "models", "model.pt")
         return {MODEL_NAME: ULiteTrain(self.bundle, self.model_dir, name=MODEL_NAME, pretrained_paths=[bundle_model])}
 
-    def init_strategies(self) -> Dict[str, Strategy]:
+    def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}

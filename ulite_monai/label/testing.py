@@ -19,8 +19,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 REPO = Path(__file__).resolve().parents[2]
 ORTHANC_DICOMWEB_PLUGINS = (
@@ -40,7 +44,7 @@ def label_env_problem() -> str | None:
     if not py.exists():
         return f"{py} not found: run `make label-venv`"
     probe = subprocess.run(
-        [str(py), "-c", "import monailabel, ulite_monai.label.lib.infers"], capture_output=True, text=True
+        [str(py), "-c", "import monailabel, ulite_monai.label.lib.infers"], capture_output=True, text=True, check=False
     )
     if probe.returncode != 0:
         return f"{py} cannot import monailabel / ulite_monai.label: {probe.stderr.strip()[-400:]} (make label-venv)"
@@ -109,7 +113,7 @@ class LabelServer:
             cmd += ["--conf", k, v]
         return cmd
 
-    def start(self) -> "LabelServer":
+    def start(self) -> LabelServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
@@ -140,7 +144,7 @@ class LabelServer:
     def client(self, *args: str, timeout: float = 600) -> Any:
         """Run ``ulite_monai.label.lib.client`` (the real MONAILabelClient) in the Label environment; its JSON."""
         cmd = [str(label_python()), "-m", "ulite_monai.label.lib.client", "--server", self.url, *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir, check=False)
         if r.returncode != 0:
             raise RuntimeError(
                 f"client {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n"
@@ -148,16 +152,17 @@ class LabelServer:
             )
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    def __enter__(self) -> "LabelServer":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
 def run_label_python(code: str, *args: str, timeout: float = 300) -> str:
     """Run a snippet in the Label environment; its stdout (raises with stderr on failure)."""
-    r = subprocess.run([str(label_python()), "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([str(label_python()), "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                       check=False)
     if r.returncode != 0:
         raise RuntimeError(f"label python failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r.stdout
@@ -212,7 +217,7 @@ class Orthanc:
         self.proc: subprocess.Popen | None = None
         self.log = self.workdir / "orthanc.log"
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         plugin = next(p for p in ORTHANC_DICOMWEB_PLUGINS if os.path.exists(p))
         config = {
@@ -262,10 +267,10 @@ class Orthanc:
         if self.proc is not None:
             stop_process(self.proc)
 
-    def __enter__(self) -> "Orthanc":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -276,7 +281,7 @@ def offline_problem() -> str | None:
     """``None`` when this machine lets us make a network namespace with only loopback (root, util-linux, ip)."""
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "unshare (util-linux) or ip (iproute2) missing"
-    r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"
     return None

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in futures:
                 try:
                     results.append(f.result())
-                except Exception as e:  # every failure is reported, not just the first
+                except Exception as e:  # noqa: BLE001 - every failure is reported, not just the first
                     errors.append(f"{type(e).__name__}: {e}")
         out = {"results": results, "errors": errors, "wall_seconds": time.perf_counter() - t0}
     elif args.cmd == "train":

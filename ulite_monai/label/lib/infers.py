@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Compose, Lambdad, LoadImaged, SaveImaged
-
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.data import partition_dataset
-
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
@@ -101,7 +100,7 @@ class ULiteTrain(TrainTask):
             )
         val_split = float(request.get("val_split", 0.2))
         if val_split > 0 and len(records) >= 2:
-            n_val = max(1, int(round(len(records) * val_split)))
+            n_val = max(1, round(len(records) * val_split))
             train, val = partition_dataset(
                 records, ratios=[len(records) - n_val, n_val], shuffle=True, seed=int(request.get("seed", 0))
             )
@@ -139,7 +138,7 @@ class ULiteTrain(TrainTask):
             config_file=self.bundle.config_files("train"),
             meta_file=self.bundle.meta_file,
             workflow_type="train",
-            **{"bundle_root": str(self.bundle.bundle_dir)},
+            bundle_root=str(self.bundle.bundle_dir),
         )
         parser = workflow.parser
         # the datastore's labelled images replace the bundle's dataset (its own ids if it has them)
