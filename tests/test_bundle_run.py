@@ -159,6 +159,7 @@ def test_inference_overlays_input_voxel_for_voxel(tmp_path):
         "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
         "pixdim": [1.6, 1.6, 1.6],
         "roi_size": [32, 32, 32],
+        "keep_largest_component": False,  # the expected mask has two parts (blob + bar)
     }
     wf = _workflow(INFER, "infer", **ov)
     wf.run()

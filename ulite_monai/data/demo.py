@@ -85,7 +85,7 @@ def make_demo_case(seed: int, with_label: bool = True) -> tuple[np.ndarray, np.n
         ``(image int16 (X, Y, Z) in HU, label uint8 (X, Y, Z) in {0, 1}, affine 4x4 RAS)``.
     """
     rng = np.random.default_rng(seed)
-    shape = tuple(int(s) for s in rng.integers(60, 89, size=3))
+    shape = tuple(int(s) for s in rng.integers(64, 93, size=3))
     spacing = np.array([rng.uniform(1.5, 2.0), rng.uniform(1.5, 2.0), rng.uniform(1.8, 2.5)])
     flips = np.diag([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), 1.0])  # LPS/RAS-like mixes
     direction = _rotation(rng, 15.0) @ flips
@@ -111,7 +111,7 @@ def make_demo_case(seed: int, with_label: bool = True) -> tuple[np.ndarray, np.n
 
     # target: lobulated blob made of 2-4 rotated ellipsoids around a common centre
     t_centre = rng.uniform(-0.3, 0.3, size=3) * body_r
-    size = rng.uniform(15, 28)
+    size = rng.uniform(20, 32)
     target = np.zeros(shape, dtype=np.float32)
     for _ in range(int(rng.integers(2, 5))):
         c = t_centre + rng.normal(scale=size * 0.35, size=3)
