@@ -42,7 +42,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # "--master_port=0" makes torchrun's static rendezvous hang: pick a free port instead
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert log.count("ulite training done") == 1  # only rank 0 reports

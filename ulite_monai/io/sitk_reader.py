@@ -92,6 +92,13 @@ def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, pixe
         ) from e
 
 
+class _DeferredError:
+    """A read error held until ``get_data`` (see :meth:`SITKReader.read`)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 class SITKReader(ImageReader):
     """Load images with SimpleITK for MONAI's ``LoadImage``.
 
@@ -132,13 +139,26 @@ class SITKReader(ImageReader):
         return True
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs):
-        """Read one or several images (several are stacked as channels by ``get_data``)."""
+        """Read one or several images (several are stacked as channels by ``get_data``).
+
+        A read error is returned as a :class:`_DeferredError` and raised by :meth:`get_data`: ``LoadImage``
+        swallows exceptions from ``read()`` and silently tries MONAI's other readers (which would, e.g.,
+        stack two DICOM series of one folder into one volume), but it does not catch ``get_data()``.
+        """
         series_uid = kwargs.pop("series_uid", self.series_uid)
-        imgs = [read_sitk_image(f, series_uid=series_uid, pixel_type=self.pixel_type) for f in ensure_tuple(data)]
+        imgs = []
+        for f in ensure_tuple(data):
+            try:
+                imgs.append(read_sitk_image(f, series_uid=series_uid, pixel_type=self.pixel_type))
+            except (OSError, ValueError, RuntimeError) as e:
+                imgs.append(_DeferredError(e))
         return imgs if len(imgs) > 1 else imgs[0]
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         """Return ``(array, meta)``: array in (x, y, z[, c]) order, meta with RAS ``affine``."""
+        for i in img if isinstance(img, (list, tuple)) else [img]:
+            if isinstance(i, _DeferredError):
+                raise i.error
         arrays: list[np.ndarray] = []
         compatible: dict = {}
         for i in img if isinstance(img, (list, tuple)) else [img]:  # a sitk.Image is itself iterable
