@@ -15,6 +15,8 @@ EXTRAS      ?= all
 PYTEST_ARGS ?=
 # system tools the tests use (Debian names): DICOM validator, DICOM toolkit, PACS with DICOMweb
 APT_PACKAGES ?= dicom3tools dcmtk orthanc orthanc-dicomweb
+# UTF-8 I/O whatever the machine's locale (torch.compile reads UTF-8 templates with the locale's codec)
+export PYTHONUTF8 = 1
 
 .PHONY: setup demo test test-fast sysdeps bench clean help
 
