@@ -118,6 +118,7 @@ def check(path: str, args, work: Path) -> bool:
             ckpt_path=str(_probe_checkpoint(work / "probe.pt")),
             network_def={"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
             intensity_range=[lo, hi],
+            keep_largest_component=False,  # the probe's answer is the full thresholded mask
         )
     name = Path(path).name
     out_dir = work / name.replace(".", "_")

@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
         train_over = dict(overrides)
         if args.max_epochs:
             train_over["max_epochs"] = args.max_epochs
+            train_over["val_interval"] = min(args.max_epochs, 5)  # validate at least once
         wf = ConfigWorkflow(config_file=str(configs / "train.json"), workflow_type="train", **common, **train_over)
         wf.initialize()
         t0 = time.perf_counter()
         wf.run()
         result["train_seconds"] = round(time.perf_counter() - t0, 1)
         evaluator = wf.parser.get_parsed_content("validate#evaluator")
-        result["val_dice"] = float(evaluator.state.best_metric)
+        result["val_dice"] = None if evaluator.state.best_metric_epoch < 0 else float(evaluator.state.best_metric)
         result["best_epoch"] = int(evaluator.state.best_metric_epoch)
         wf.finalize()
     model = root / "models" / "model.pt"
