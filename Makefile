@@ -62,6 +62,6 @@ bench: setup
 	$(PY) -m ulite_monai.bench
 
 clean:
-	rm -rf $(VENV) $(LABEL_VENV) .pytest_cache bundles/ulite/models/*.pt bundles/ulite/eval
+	rm -rf $(VENV) $(LABEL_VENV) .pytest_cache bundles/ulite/models/*.pt bundles/ulite/eval bundles/ulite/runs bundles/ulite/dataset
 
 include mk/label.mk
