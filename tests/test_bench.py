@@ -145,4 +145,4 @@ def test_update_keeps_other_modes(tmp_path):
     assert data["quality"] == earlier_quality  # kept
     assert data["sliding_window"]["volume"] == [40, 40, 32]  # replaced by this run
     assert data["earlier_runs"][0]["kept"] == ["quality"]
-    assert "are from an earlier run" in (out / "benchmark.md").read_text()
+    assert "are from another run" in (out / "benchmark.md").read_text()

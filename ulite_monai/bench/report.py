@@ -182,7 +182,7 @@ def markdown(report: dict) -> str:
              f"{report.get('load_average_end')}: other processes shared the CPUs, so compare figures within "
              "this run (ratios), not across machines.", ""]
     for run in report.get("earlier_runs", []):
-        lines += [f"Results of {', '.join(run['kept'])} are from an earlier run: `{run['command']}` at "
+        lines += [f"Results of {', '.join(run['kept'])} are from another run: `{run['command']}` at "
                   f"{run['created_utc']} (load average {run.get('load_average_start')} to "
                   f"{run.get('load_average_end')}).", ""]
     if "speed" in report:
