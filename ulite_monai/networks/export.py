@@ -90,12 +90,18 @@ def export_onnx(
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU inference session for an exported model."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool = False):
+    """An ONNX Runtime CPU inference session for an exported model.
+
+    ``spin=False`` stops ORT's worker threads from busy-waiting after each run, so they do not steal the
+    CPU from whatever runs next in the same process (torch, data loading, another model in a benchmark).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
