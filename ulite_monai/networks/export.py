@@ -15,26 +15,27 @@ from ulite_monai.networks.fusion import inference_network
 __all__ = ["export_torchscript", "export_onnx", "onnx_session"]
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[str, str]:
+def _save_atomically(save, path: str | os.PathLike) -> str:
+    """Call ``save(tmp)`` on a temp file beside ``path``, then rename it to ``path`` (no half-written file)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
-    return path, tmp
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def export_torchscript(net: nn.Module, path: str | os.PathLike, fuse: bool = True) -> torch.jit.ScriptModule:
     """Script ``net`` (fused for inference by default) and save it atomically to ``path``."""
     model = inference_network(net, fuse=fuse)
     scripted = torch.jit.script(model)
-    path, tmp = _atomic_target(path)
-    try:
-        scripted.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _save_atomically(scripted.save, path)
     return scripted
 
 
@@ -68,26 +69,19 @@ def export_onnx(
     dynamic = {0: torch.export.Dim("batch")}
     for i, n in enumerate(names):
         dynamic[2 + i] = torch.export.Dim(n, min=1)
-    path, tmp = _atomic_target(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                opset_version=opset_version,
-                input_names=[input_name],
-                output_names=[output_name],
-                dynamic_shapes={"x": dynamic},
-                verbose=False,
-            )
-        prog.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset_version,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes={"x": dynamic},
+            verbose=False,
+        )
+    return _save_atomically(prog.save, path)
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool = False):
