@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ulite_monai.utils import save_atomically
+
 __all__ = ["DEMO_VERSION", "generate_demo_dataset", "make_demo_case", "ensure_demo_dataset"]
 
 DEMO_VERSION = 1
@@ -152,14 +154,7 @@ def _atomic_save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nii.set_qform(affine, code=1)
     nii.set_sform(affine, code=1)
     nii.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent, prefix=".tmp_")
-    os.close(fd)
-    try:
-        nib.save(nii, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_atomically(lambda tmp: nib.save(nii, tmp), path)
 
 
 def _atomic_write_json(obj, path: Path) -> None:

@@ -4,38 +4,22 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import torch
 import torch.nn as nn
 
 from ulite_monai.networks.fusion import inference_network
+from ulite_monai.utils import save_atomically
 
 __all__ = ["export_torchscript", "export_onnx", "onnx_session"]
-
-
-def _save_atomically(save, path: str | os.PathLike) -> str:
-    """Call ``save(tmp)`` on a temp file beside ``path``, then rename it to ``path`` (no half-written file)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def export_torchscript(net: nn.Module, path: str | os.PathLike, fuse: bool = True) -> torch.jit.ScriptModule:
     """Script ``net`` (fused for inference by default) and save it atomically to ``path``."""
     model = inference_network(net, fuse=fuse)
     scripted = torch.jit.script(model)
-    _save_atomically(scripted.save, path)
+    save_atomically(scripted.save, path)
     return scripted
 
 
@@ -81,7 +65,7 @@ def export_onnx(
             dynamic_shapes={"x": dynamic},
             verbose=False,
         )
-    return _save_atomically(prog.save, path)
+    return save_atomically(prog.save, path)
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool = False):

@@ -18,6 +18,8 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
+from ulite_monai.utils import save_atomically
+
 from .bundle import BundleSource
 from .checkpoint import load_state_dict
 
@@ -27,14 +29,7 @@ __all__ = ["ULiteTrain"]
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_atomically(lambda tmp: torch.save(obj, tmp), path)
 
 
 def _atomic_json(obj: Any, path: str) -> None:
