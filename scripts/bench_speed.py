@@ -60,10 +60,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-3d", action="store_true")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc malloc at its defaults (the inference paths tune it; see tune_cpu_allocator)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}")
+    if args.default_allocator:
+        os.environ["ULITE_TUNE_ALLOCATOR"] = "0"
+    from ulite_monai.utils import allocator_settings, tune_cpu_allocator
+
+    tune_cpu_allocator()  # before any model runs, so every model runs with the same allocator
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}, "
+          f"allocator: {allocator_settings()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models2d = build(2, 3, 1, tmp)

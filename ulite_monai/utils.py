@@ -7,7 +7,9 @@ import os
 import tempfile
 from typing import Callable
 
-__all__ = ["save_atomically"]
+__all__ = ["save_atomically", "tune_cpu_allocator", "allocator_settings"]
+
+_ALLOCATOR_TUNED: dict = {}
 
 
 def save_atomically(save: Callable[[str], object], path: str | os.PathLike) -> str:
@@ -30,3 +32,49 @@ def save_atomically(save: Callable[[str], object], path: str | os.PathLike) -> s
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def tune_cpu_allocator(trim_threshold_mb: int = 512) -> bool:
+    """Let glibc's malloc keep freed tensor memory between forward passes (CPU inference speed).
+
+    By default glibc serves large blocks with ``mmap`` and hands them back to the kernel when freed (and
+    trims the heap top), so every forward pass touches fresh pages again. Measured on 2 cores: 5,600 page
+    faults and about 8 ms extra per 1x3x256x256 U-Lite forward, more than the network's own compute, and
+    60,000 faults (twice the time) at batch 8. This sets ``M_MMAP_MAX=0`` (large blocks come from the heap)
+    and ``M_TRIM_THRESHOLD`` (up to ``trim_threshold_mb`` of freed memory stays in the process for reuse),
+    the effect that jemalloc/tcmalloc give, which PyTorch's CPU tuning guide recommends, without preloading
+    another allocator. Peak RSS is about the same; memory freed after a peak is kept, up to the threshold
+    at the heap top.
+
+    Process-wide and applied once; a no-op returning False off glibc (macOS, Windows, musl) or when the
+    environment variable ``ULITE_TUNE_ALLOCATOR`` is ``0``. Returns True when the settings are in force.
+    """
+    if "applied" in _ALLOCATOR_TUNED:
+        return _ALLOCATOR_TUNED["applied"]
+    applied = False
+    if os.environ.get("ULITE_TUNE_ALLOCATOR", "1").strip().lower() not in ("0", "false", "no", "off"):
+        try:
+            libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+        except (AttributeError, ValueError, OSError):
+            libc_version = ""
+        if libc_version.startswith("glibc"):
+            import ctypes
+
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+                applied = bool(libc.mallopt(m_trim_threshold, int(trim_threshold_mb) << 20)) and bool(
+                    libc.mallopt(m_mmap_max, 0)
+                )
+            except (OSError, AttributeError):
+                applied = False
+    _ALLOCATOR_TUNED["applied"] = applied
+    _ALLOCATOR_TUNED["settings"] = (
+        f"glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD={int(trim_threshold_mb)} MiB" if applied else "default"
+    )
+    return applied
+
+
+def allocator_settings() -> str:
+    """A line describing the CPU allocator settings in force (for benchmark reports)."""
+    return _ALLOCATOR_TUNED.get("settings", "default")

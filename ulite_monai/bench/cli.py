@@ -15,6 +15,7 @@ Writes ``benchmark.json``, ``benchmark.md`` and ``latency_vs_params.png`` into `
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, few models and repeats: a smoke run in well under a minute per mode")
     p.add_argument("--threads", type=int, default=0, help="torch/ONNX Runtime threads (0: torch's default)")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc malloc at its defaults (by default every model runs with "
+                        "ulite_monai.utils.tune_cpu_allocator, as the project's inference paths do)")
     p.add_argument("--update", action="store_true",
                    help="keep the other modes' results from an existing benchmark.json in --out and replace only "
                         "the modes run now")
@@ -87,6 +91,11 @@ def main(argv=None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.default_allocator:
+        os.environ["ULITE_TUNE_ALLOCATOR"] = "0"  # inherited by the probe child processes
+    from ulite_monai.utils import tune_cpu_allocator
+
+    tune_cpu_allocator()
     modes = {"speed", "sw", "quality"} if "all" in args.modes else set(args.modes)
     out = Path(args.out)
     q = args.quick

@@ -44,6 +44,9 @@ def main(argv=None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from ulite_monai.utils import tune_cpu_allocator
+
+    tune_cpu_allocator()  # the parent's choice arrives through ULITE_TUNE_ALLOCATOR
     res: dict = {"status": "ok", "task": args.task, "model": args.model, "dims": args.dims,
                  "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="ulite_bench_") as tmp:

@@ -40,6 +40,9 @@ def environment() -> dict:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
+    from ulite_monai.utils import allocator_settings
+
+    env["allocator"] = allocator_settings()
     env["git"] = _git_state()
     try:
         import psutil
@@ -174,7 +177,8 @@ def markdown(report: dict) -> str:
              f"Generated {report['created_utc']} by `{report['command']}`.", "",
              f"Machine: {env['cpu']}, {env['cpu_count']} logical CPUs, {env.get('memory_gb', '?')} GB RAM; "
              f"torch {env['torch']} with {env['torch_threads']} threads, MONAI {env['monai']}, "
-             f"ONNX Runtime {env['onnxruntime']}."
+             f"ONNX Runtime {env['onnxruntime']}. CPU allocator: {env.get('allocator', 'default')} (every model "
+             "alike)."
              + (f" Source: commit {env['git']['commit']}"
                 + (f" with uncommitted changes in {', '.join(env['git']['networks_modified'])}"
                    if env["git"]["networks_modified"] else "") + "." if env.get("git") else ""),

@@ -25,6 +25,8 @@ from ulite_monai.networks.ulite import AxialDWConv, ULite, check_input, crop_to,
 
 __all__ = ["fuse_ulite", "FusedULite", "inference_network"]
 
+WIDE_UPSAMPLE_BELOW = 64  # decoders with fewer output channels up-sample through a widened 1x1 conv
+
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and shift ``(s, t)`` with ``bn(x) == s * x + t`` per channel in eval mode."""
@@ -67,75 +69,68 @@ def _bias(conv: nn.Module) -> torch.Tensor:
 
 
 class PointwiseConv(nn.Module):
-    """A 1x1 (x1) convolution that runs as one matrix multiply on channels-last tensors.
+    """A 1x1 (x1) convolution, built from a conv's geometry with optional new ``weight`` and ``bias``.
 
-    On a channels-last input the channels are the innermost dim, so ``x.movedim(1, -1)`` is a contiguous
-    ``(..., C)`` view and the conv is ``F.linear`` (one GEMM); the result moved back is channels-last again.
-    Other inputs use the plain convolution. ``use_bias=False`` drops the bias (callers add it later, at a
-    lower resolution).
+    ``use_bias=False`` drops the bias (callers add it later, at a lower resolution). With ``gemm`` set,
+    channels-last inputs run as one matrix multiply over a ``(voxels, C)`` view; otherwise as a convolution.
+    Which is faster depends on the shape: oneDNN's 1x1 convs are about twice as fast as the GEMM on U-Lite's
+    large 2D maps, the GEMM wins on small maps with large weights (no per-call weight reordering) and on
+    most 3D shapes.
     """
 
     def __init__(self, conv: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 use_bias: bool = True) -> None:
+                 use_bias: bool = True, gemm: bool = False) -> None:
         super().__init__()
         w = conv.weight if weight is None else weight
         if bias is None:
-            bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0])
-        self.spatial_dims = w.ndim - 2
+            bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], device=w.device)
+        self.spatial_dims = conv.weight.ndim - 2
         self.use_bias = bool(use_bias)
-        self.weight = nn.Parameter(w.detach().reshape(w.shape[0], w.shape[1]).float().clone(), requires_grad=False)
+        self.gemm = bool(gemm)
+        shape = (w.shape[0], w.shape[1]) + (1,) * self.spatial_dims
+        self.weight = nn.Parameter(w.detach().reshape(shape).float().clone(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b: torch.Tensor | None = self.bias if self.use_bias else None
-        if self.spatial_dims == 2 and x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight, b).permute(0, 3, 1, 2)
-        if self.spatial_dims == 3 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return F.linear(x.permute(0, 2, 3, 4, 1), self.weight, b).permute(0, 4, 1, 2, 3)
-        w = self.weight
-        for _ in range(self.spatial_dims):
-            w = w.unsqueeze(-1)
         if self.spatial_dims == 2:
-            return F.conv2d(x, w, b)
+            if self.gemm and x.is_contiguous(memory_format=torch.channels_last):
+                return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), b).permute(0, 3, 1, 2)
+            return F.conv2d(x, self.weight, b)
         if self.spatial_dims == 3:
-            return F.conv3d(x, w, b)
-        return F.conv1d(x, w, b)
+            if self.gemm and x.is_contiguous(memory_format=torch.channels_last_3d):
+                return F.linear(x.permute(0, 2, 3, 4, 1), self.weight.flatten(1), b).permute(0, 4, 1, 2, 3)
+            return F.conv3d(x, self.weight, b)
+        return F.conv1d(x, self.weight, b)
 
 
-def upsample_add(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """``nearest_upsample_x2(low) + high`` in one broadcast add on channels-last tensors (no up-sampled copy)."""
-    if low.dim() == 4 and high.is_contiguous(memory_format=torch.channels_last) and low.is_contiguous(
-        memory_format=torch.channels_last
-    ):
-        n, c, h, w = high.shape
-        hi = high.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
-        lo = low.permute(0, 2, 3, 1).reshape(n, h // 2, 1, w // 2, 1, c)
-        return (hi + lo).reshape(n, h, w, c).permute(0, 3, 1, 2)
-    if low.dim() == 5 and high.is_contiguous(memory_format=torch.channels_last_3d) and low.is_contiguous(
-        memory_format=torch.channels_last_3d
-    ):
-        n, c, d, h, w = high.shape
-        hi = high.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
-        lo = low.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w // 2, 1, c)
-        return (hi + lo).reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
-    return F.interpolate(low, scale_factor=2.0, mode="nearest") + high
+def _channels_inner(x: torch.Tensor) -> bool:
+    """True when the channel dim of ``x`` has stride 1 and the spatial dims are ordered outer to inner,
+    as in a channels-last tensor or a channel slice of one."""
+    if x.dim() < 4 or x.stride(1) != 1:
+        return False
+    for i in range(2, x.dim() - 1):
+        if x.stride(i) < x.stride(i + 1):
+            return False
+    return True
 
 
 class MaxPool2x(nn.Module):
     """Max-pooling by 2 along every spatial dim (even sizes), as elementwise maxima of strided views on
-    channels-last tensors (several times faster than oneDNN's pooling there); plain max-pool otherwise."""
+    channels-last tensors, or channel slices of them (several times faster than oneDNN's pooling there);
+    plain max-pool otherwise."""
 
     def __init__(self, spatial_dims: int) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spatial_dims == 2 and x.is_contiguous(memory_format=torch.channels_last):
+        if self.spatial_dims == 2 and _channels_inner(x):
             n, c, h, w = x.shape
             z = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
             z = torch.maximum(z[:, :, 0], z[:, :, 1])
             return torch.maximum(z[:, :, :, 0], z[:, :, :, 1]).permute(0, 3, 1, 2)
-        if self.spatial_dims == 3 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        if self.spatial_dims == 3 and _channels_inner(x):
             n, c, d, h, w = x.shape
             z = x.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
             z = torch.maximum(z[:, :, 0], z[:, :, 1])
@@ -205,25 +200,66 @@ class FusedAxialDW(nn.Module):
         return out
 
 
+class Activation(nn.Module):
+    """A block's activation, applied in place when it is GELU or ReLU (its inputs are fresh intermediates
+    nothing else reads), so no new tensor is allocated; any other activation module runs as it is."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.kind = 0
+        self.approximate = "none"
+        if type(act) is nn.GELU:
+            self.kind = 1
+            self.approximate = act.approximate
+        elif type(act) is nn.ReLU:
+            self.kind = 2
+        self.act = copy.deepcopy(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == 1:
+            return torch.ops.aten.gelu_(x, approximate=self.approximate)
+        if self.kind == 2:
+            return torch.relu_(x)
+        return self.act(x)
+
+
 class FusedEncoderBlock(nn.Module):
-    def __init__(self, block: nn.Module, merge: bool) -> None:
+    """``act(pool(pw(bn(dw(x)))))`` with BN folded into the depthwise conv and the pointwise bias added after
+    pooling. ``skip_weight`` (the decoder's 1x1 weights on this skip) is stacked under the pointwise weights,
+    so one matrix multiply yields both the pooled branch and the decoder's projection of the skip, which is
+    returned instead of the skip itself."""
+
+    def __init__(self, block: nn.Module, merge: bool, skip_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         s, t = _bn_affine(block.norm)
         self.dw = FusedAxialDW(block.dw, s, t, merge=merge)
+        pw = block.pw
+        self.n_out = pw.out_channels
+        w = pw.weight.detach().double().reshape(pw.out_channels, pw.in_channels)
+        if skip_weight is not None:
+            w = torch.cat([w, skip_weight.double().reshape(-1, pw.in_channels)], 0)
         # max(x + b) == max(x) + b per channel: the bias is added after pooling, at a quarter of the voxels
-        self.pw = PointwiseConv(block.pw, use_bias=False)
-        nd = block.pw.weight.ndim - 2
-        self.pw_bias = nn.Parameter(_bias(block.pw).float().view((1, -1) + (1,) * nd), requires_grad=False)
+        self.pw = PointwiseConv(pw, w, torch.zeros(w.shape[0], dtype=torch.float64, device=w.device), use_bias=False)
+        nd = pw.weight.ndim - 2
+        self.pw_bias = nn.Parameter(_bias(pw).float().view((1, -1) + (1,) * nd), requires_grad=False)
         self.pool = MaxPool2x(nd)
-        self.act = copy.deepcopy(block.act)
+        self.act = Activation(block.act)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        skip = self.dw(x)
-        return self.act(self.pool(self.pw(skip)) + self.pw_bias), skip
+        y = self.pw(self.dw(x))
+        z = self.pool(y[:, : self.n_out])
+        z.add_(self.pw_bias)
+        return self.act(z), y[:, self.n_out :]
 
 
 class FusedDecoderBlock(nn.Module):
-    """``act(pw2(dw(bn(pw(cat(up(x), skip))))))`` as ``act(pw2(dw(up(pw_a(x)) + pw_b(skip))))``."""
+    """``act(pw2(dw(bn(pw(cat(up(x), skip))))))`` as ``act(pw2(dw(up(pw_a(x)) + pw_b(skip))))``.
+
+    ``pw_b(skip)`` arrives precomputed from the encoder (see :class:`FusedEncoderBlock`); :attr:`skip_weight`
+    holds its weights. On channels-last tensors ``pw_a`` runs with its output channels repeated twice, so its
+    result laid out in memory is already up-sampled along the last axis, and the up-sampling along the other
+    axes is a broadcast inside the addition.
+    """
 
     def __init__(self, block: nn.Module, merge: bool) -> None:
         super().__init__()
@@ -232,37 +268,112 @@ class FusedDecoderBlock(nn.Module):
         w = pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1))
         b = _bias(pw) * s + t
         n_up = pw.in_channels - pw.out_channels
+        self.spatial_dims = pw.weight.ndim - 2
         # the merged bias rides on the coarse half (added before up-sampling, at 1 / 2**d of the voxels)
         self.pw_up = PointwiseConv(pw, w[:, :n_up], b)
-        self.pw_skip = PointwiseConv(pw, w[:, n_up:], torch.zeros_like(b), use_bias=False)
+        # few channels: repeat pw_a's outputs so the addition's inner loop runs over (width x channels), not
+        # over a handful of channels; many channels: plain pw_a (half the multiply-adds)
+        self.wide = pw.out_channels < WIDE_UPSAMPLE_BELOW
+        self.pw_up_wide = PointwiseConv(pw, torch.cat([w[:, :n_up]] * 2, 0), torch.cat([b, b]))
         self.dw = FusedAxialDW(block.dw, merge=merge)
         self.pw2 = PointwiseConv(block.pw2)
-        self.act = copy.deepcopy(block.act)
+        self.act = Activation(block.act)
+
+    @staticmethod
+    def skip_weight(block: nn.Module) -> torch.Tensor:
+        """The BN-folded 1x1 weights that ``block`` applies to its skip input (computed by the encoder)."""
+        s, _ = _bn_affine(block.norm)
+        pw = block.pw
+        w = pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1))
+        return w[:, pw.in_channels - pw.out_channels :]
+
+    def up_add(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``nearest_upsample_x2(pw_a(x)) + skip`` (``skip`` already projected), one broadcast addition on
+        channels-last tensors."""
+        if self.spatial_dims == 2 and _channels_inner(skip) and x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = skip.shape
+            if self.wide:
+                lo = self.pw_up_wide(x).permute(0, 2, 3, 1).reshape(n, h // 2, 1, w, c)
+                hi = skip.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w, c)
+            else:
+                lo = self.pw_up(x).permute(0, 2, 3, 1).reshape(n, h // 2, 1, w // 2, 1, c)
+                hi = skip.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
+            return (hi + lo).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        if self.spatial_dims == 3 and _channels_inner(skip) and x.is_contiguous(
+            memory_format=torch.channels_last_3d
+        ):
+            n, c, d, h, w = skip.shape
+            if self.wide:
+                lo = self.pw_up_wide(x).permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w, c)
+                hi = skip.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w, c)
+            else:
+                lo = self.pw_up(x).permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w // 2, 1, c)
+                hi = skip.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
+            return (hi + lo).reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+        return F.interpolate(self.pw_up(x), scale_factor=2.0, mode="nearest") + skip
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = upsample_add(self.pw_up(x), self.pw_skip(skip))
-        return self.act(self.pw2(self.dw(x)))
+        return self.act(self.pw2(self.dw(self.up_add(x, skip))))
 
 
 class FusedBottleneck(nn.Module):
+    """``act(pw2(bn(cat(y, br_1(y), br_2(y), br_3(y)))))`` with ``y = pw1(x)``, BN folded into ``pw2``.
+
+    With merged kernels the identity and the branches are one grouped convolution (``len(branches) + 1``
+    outputs per input channel) and ``pw2``'s input columns are permuted to that interleaved order, so the
+    concatenation disappears.
+    """
+
     def __init__(self, block: nn.Module, merge: bool) -> None:
         super().__init__()
         s, t = _bn_affine(block.norm)
         self.pw1 = PointwiseConv(block.pw1)
-        self.branches = nn.ModuleList(FusedAxialDW(br, merge=merge) for br in block.branches)
         pw2 = block.pw2
         w = pw2.weight.double()
         b = _bias(pw2) + w.flatten(1) @ t
         w = w * s.view((1, -1) + (1,) * (w.ndim - 2))
+        self.merged = bool(merge)
+        branches = [FusedAxialDW(br, merge=merge) for br in block.branches]
+        if merge:
+            conv0 = branches[0].convs[0]
+            ch = conv0.in_channels
+            nd = conv0.weight.ndim - 2
+            reach = max(br.convs[0].padding[0] for br in branches)
+            size = 2 * reach + 1
+            parts = len(branches) + 1
+            dev = conv0.weight.device
+            kernel = torch.zeros((ch, parts) + (size,) * nd, dtype=torch.float64, device=dev)
+            bias = torch.zeros((ch, parts), dtype=torch.float64, device=dev)
+            kernel[(slice(None), 0) + (reach,) * nd] = 1.0
+            for j, br in enumerate(branches):
+                conv = br.convs[0]
+                r = conv.padding[0]
+                window = (slice(None), j + 1) + (slice(reach - r, reach + r + 1),) * nd
+                kernel[window] = conv.weight.double()[:, 0]
+                bias[:, j + 1] = conv.bias.double()
+            # output channel g * parts + j is part j of channel g
+            self.parts = _conv_like(
+                conv0, kernel.reshape((ch * parts, 1) + (size,) * nd), bias.reshape(-1),
+                out_channels=ch * parts, kernel_size=(size,) * nd, padding=(reach,) * nd,
+            )
+            order = torch.arange(ch * parts, device=w.device).view(parts, ch).t().reshape(-1)  # new column k reads old column order[k]
+            w = w[:, order]
+            self.branches = nn.ModuleList()
+        else:
+            self.parts = nn.Identity()
+            self.branches = nn.ModuleList(branches)
         self.pw2 = PointwiseConv(pw2, w, b)
-        self.act = copy.deepcopy(block.act)
+        self.act = Activation(block.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pw1(x)
-        parts = [x]
-        for br in self.branches:
-            parts.append(br(x))
-        x = torch.cat(parts, dim=1)
+        if self.merged:
+            x = self.parts(x)
+        else:
+            parts = [x]
+            for br in self.branches:
+                parts.append(br(x))
+            x = torch.cat(parts, dim=1)
         return self.act(self.pw2(x))
 
 
@@ -284,10 +395,20 @@ class FusedULite(nn.Module):
         self.channels_last = bool(channels_last) and net.spatial_dims in (2, 3)
         with torch.no_grad():
             self.conv_in = copy.deepcopy(net.conv_in)
-            self.encoders = nn.ModuleList(FusedEncoderBlock(b, merge_axial) for b in net.encoders)
-            self.bottleneck = FusedBottleneck(net.bottleneck, merge_axial)
             self.decoders = nn.ModuleList(FusedDecoderBlock(b, merge_axial) for b in net.decoders)
+            n = len(net.encoders)
+            # encoder i's skip feeds decoder n - 1 - i, whose skip-side 1x1 conv the encoder computes
+            self.encoders = nn.ModuleList(
+                FusedEncoderBlock(b, merge_axial, FusedDecoderBlock.skip_weight(net.decoders[n - 1 - i]))
+                for i, b in enumerate(net.encoders)
+            )
+            self.bottleneck = FusedBottleneck(net.bottleneck, merge_axial)
             self.conv_out = PointwiseConv(net.conv_out) if max(net.conv_out.kernel_size) == 1 else copy.deepcopy(net.conv_out)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for m in self.modules():
+            if isinstance(m, PointwiseConv):
+                m.gemm = self.spatial_dims == 3  # measured: convs win on 2D maps, GEMMs on 3D ones
         self.eval()
         if self.channels_last:
             self.to(memory_format=self._memory_format())
@@ -342,11 +463,19 @@ def fuse_ulite(net: ULite, merge_axial: bool | None = None, channels_last: bool 
     return FusedULite(net, merge_axial=merge_axial, channels_last=channels_last)
 
 
-def inference_network(net: nn.Module, fuse: bool = True, channels_last: bool = True) -> nn.Module:
+def inference_network(net: nn.Module, fuse: bool = True, channels_last: bool = True,
+                      tune_allocator: bool = True) -> nn.Module:
     """The network the inference paths use: fused (default) or the original in eval mode.
 
     Non-ULite networks are returned in eval mode unchanged, so configs may swap in other MONAI nets.
+    ``tune_allocator`` (default) applies :func:`ulite_monai.utils.tune_cpu_allocator` when the network is
+    on the CPU: without it glibc returns each forward pass's memory to the kernel and the next pass
+    page-faults it back, which costs more than the network itself at 256x256.
     """
+    if tune_allocator and all(p.device.type == "cpu" for p in net.parameters()):
+        from ulite_monai.utils import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if fuse and isinstance(net, ULite):
         return fuse_ulite(net, channels_last=channels_last)
     net = net.eval()
