@@ -27,7 +27,7 @@ _QUICK_MODELS = ("ulite", "ulite-fused", "ulite-onnx", "monai-unet")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ulite_monai.bench.models import DEFAULT_MODELS, MODELS
+    from ulite_monai.bench.models import MODELS
 
     p = argparse.ArgumentParser(prog="ulite-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
