@@ -5,12 +5,16 @@
 eval mode, with fewer and cheaper operations:
 
 - every BatchNorm is folded into a neighbouring convolution (the one before it or the one after it);
-- every axial depthwise block ``x + sum_axis conv_axis(x)`` loses its identity branch (folded into the
-  centre tap of one axial kernel); the axial kernels are merged into one cross-shaped dense kernel (faster on CPU);
+- every axial depthwise block ``x + sum_axis conv_axis(x)`` becomes one depthwise conv whose dense kernel
+  holds the identity and the axial taps (oneDNN runs square depthwise kernels far faster than 7x1 ones);
 - each decoder's pointwise conv over ``cat(up(x), skip)`` is split into ``up(pw_a(x)) + pw_b(skip)``:
-  nearest up-sampling commutes with a pointwise conv, so the coarse half runs at 1 / 2**d of the voxels
-  and the concatenation disappears;
-- optionally the network runs in channels-last memory format (faster on CPU with oneDNN).
+  nearest up-sampling commutes with a pointwise conv, so the coarse half runs at 1 / 2**d of the voxels,
+  the concatenation disappears, and ``pw_b`` joins the encoder's pointwise conv on the same skip;
+- the up-sampling is a broadcast inside the addition, pooling is maxima of strided views, activations
+  run in place, the bottleneck's branches are one depthwise conv;
+- by default the network runs in channels-last memory format (faster on CPU with oneDNN).
+
+:func:`inference_network` also applies :func:`ulite_monai.utils.tune_cpu_allocator` on the CPU.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def _bias(conv: nn.Module) -> torch.Tensor:
 class PointwiseConv(nn.Module):
     """A 1x1 (x1) convolution, built from a conv's geometry with optional new ``weight`` and ``bias``.
 
-    ``use_bias=False`` drops the bias (callers add it later, at a lower resolution). With ``gemm`` set,
+    ``use_bias=False`` drops the bias. With ``gemm`` set,
     channels-last inputs run as one matrix multiply over a ``(voxels, C)`` view; otherwise as a convolution.
     Which is faster depends on the shape: oneDNN's 1x1 convs are about twice as fast as the GEMM on U-Lite's
     large 2D maps, the GEMM wins on small maps with large weights (no per-call weight reordering) and on
@@ -105,14 +109,10 @@ class PointwiseConv(nn.Module):
 
 
 def _channels_inner(x: torch.Tensor) -> bool:
-    """True when the channel dim of ``x`` has stride 1 and the spatial dims are ordered outer to inner,
-    as in a channels-last tensor or a channel slice of one."""
-    if x.dim() < 4 or x.stride(1) != 1:
-        return False
-    for i in range(2, x.dim() - 1):
-        if x.stride(i) < x.stride(i + 1):
-            return False
-    return True
+    """True when the channel dim of an N-d (2D or 3D) batch has stride 1, as in a channels-last tensor or a
+    channel slice of one: the fast paths below then work on ``(..., C)`` views without copies. (They are
+    correct for any layout; this only picks where they are fast.)"""
+    return x.dim() >= 4 and x.stride(1) == 1
 
 
 class MaxPool2x(nn.Module):
@@ -194,6 +194,8 @@ class FusedAxialDW(nn.Module):
             self.convs = nn.ModuleList(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.convs) == 1:
+            return self.convs[0](x)
         out = x
         for i, conv in enumerate(self.convs):
             out = conv(x) if i == 0 else out + conv(x)
@@ -224,10 +226,11 @@ class Activation(nn.Module):
 
 
 class FusedEncoderBlock(nn.Module):
-    """``act(pool(pw(bn(dw(x)))))`` with BN folded into the depthwise conv and the pointwise bias added after
-    pooling. ``skip_weight`` (the decoder's 1x1 weights on this skip) is stacked under the pointwise weights,
-    so one matrix multiply yields both the pooled branch and the decoder's projection of the skip, which is
-    returned instead of the skip itself."""
+    """``act(pool(pw(bn(dw(x)))))`` with BN folded into the depthwise conv.
+
+    ``skip_weight`` (the decoder's 1x1 weights on this skip) is stacked under the pointwise weights, so one
+    convolution yields both the branch to pool and the decoder's projection of the skip, which is returned
+    instead of the skip itself."""
 
     def __init__(self, block: nn.Module, merge: bool, skip_weight: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -238,17 +241,18 @@ class FusedEncoderBlock(nn.Module):
         w = pw.weight.detach().double().reshape(pw.out_channels, pw.in_channels)
         if skip_weight is not None:
             w = torch.cat([w, skip_weight.double().reshape(-1, pw.in_channels)], 0)
-        # max(x + b) == max(x) + b per channel: the bias is added after pooling, at a quarter of the voxels
-        self.pw = PointwiseConv(pw, w, torch.zeros(w.shape[0], dtype=torch.float64, device=w.device), use_bias=False)
+        # the skip projection's bias rides on the decoder's coarse half; oneDNN adds conv biases for free,
+        # which measured faster than adding the encoder's bias after pooling (one op fewer per stage)
+        b = _bias(pw)
+        b = torch.cat([b, torch.zeros(w.shape[0] - b.shape[0], dtype=b.dtype, device=b.device)])
+        self.pw = PointwiseConv(pw, w, b)
         nd = pw.weight.ndim - 2
-        self.pw_bias = nn.Parameter(_bias(pw).float().view((1, -1) + (1,) * nd), requires_grad=False)
         self.pool = MaxPool2x(nd)
         self.act = Activation(block.act)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.pw(self.dw(x))
         z = self.pool(y[:, : self.n_out])
-        z.add_(self.pw_bias)
         return self.act(z), y[:, self.n_out :]
 
 
@@ -270,11 +274,13 @@ class FusedDecoderBlock(nn.Module):
         n_up = pw.in_channels - pw.out_channels
         self.spatial_dims = pw.weight.ndim - 2
         # the merged bias rides on the coarse half (added before up-sampling, at 1 / 2**d of the voxels)
-        self.pw_up = PointwiseConv(pw, w[:, :n_up], b)
         # few channels: repeat pw_a's outputs so the addition's inner loop runs over (width x channels), not
         # over a handful of channels; many channels: plain pw_a (half the multiply-adds)
         self.wide = pw.out_channels < WIDE_UPSAMPLE_BELOW
-        self.pw_up_wide = PointwiseConv(pw, torch.cat([w[:, :n_up]] * 2, 0), torch.cat([b, b]))
+        if self.wide:
+            self.pw_up = PointwiseConv(pw, torch.cat([w[:, :n_up]] * 2, 0), torch.cat([b, b]))
+        else:
+            self.pw_up = PointwiseConv(pw, w[:, :n_up], b)
         self.dw = FusedAxialDW(block.dw, merge=merge)
         self.pw2 = PointwiseConv(block.pw2)
         self.act = Activation(block.act)
@@ -290,27 +296,28 @@ class FusedDecoderBlock(nn.Module):
     def up_add(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``nearest_upsample_x2(pw_a(x)) + skip`` (``skip`` already projected), one broadcast addition on
         channels-last tensors."""
-        if self.spatial_dims == 2 and _channels_inner(skip) and x.is_contiguous(memory_format=torch.channels_last):
+        lo = self.pw_up(x)
+        if self.spatial_dims == 2 and _channels_inner(skip) and _channels_inner(lo):
             n, c, h, w = skip.shape
             if self.wide:
-                lo = self.pw_up_wide(x).permute(0, 2, 3, 1).reshape(n, h // 2, 1, w, c)
+                lo = lo.permute(0, 2, 3, 1).reshape(n, h // 2, 1, w, c)
                 hi = skip.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w, c)
             else:
-                lo = self.pw_up(x).permute(0, 2, 3, 1).reshape(n, h // 2, 1, w // 2, 1, c)
+                lo = lo.permute(0, 2, 3, 1).reshape(n, h // 2, 1, w // 2, 1, c)
                 hi = skip.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
             return (hi + lo).reshape(n, h, w, c).permute(0, 3, 1, 2)
-        if self.spatial_dims == 3 and _channels_inner(skip) and x.is_contiguous(
-            memory_format=torch.channels_last_3d
-        ):
+        if self.spatial_dims == 3 and _channels_inner(skip) and _channels_inner(lo):
             n, c, d, h, w = skip.shape
             if self.wide:
-                lo = self.pw_up_wide(x).permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w, c)
+                lo = lo.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w, c)
                 hi = skip.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w, c)
             else:
-                lo = self.pw_up(x).permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w // 2, 1, c)
+                lo = lo.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 1, h // 2, 1, w // 2, 1, c)
                 hi = skip.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
             return (hi + lo).reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
-        return F.interpolate(self.pw_up(x), scale_factor=2.0, mode="nearest") + skip
+        if self.wide:
+            lo = lo[:, : skip.shape[1]]  # both halves of the widened output are equal
+        return F.interpolate(lo, scale_factor=2.0, mode="nearest") + skip
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.act(self.pw2(self.dw(self.up_add(x, skip))))
@@ -319,9 +326,10 @@ class FusedDecoderBlock(nn.Module):
 class FusedBottleneck(nn.Module):
     """``act(pw2(bn(cat(y, br_1(y), br_2(y), br_3(y)))))`` with ``y = pw1(x)``, BN folded into ``pw2``.
 
-    With merged kernels the identity and the branches are one grouped convolution (``len(branches) + 1``
-    outputs per input channel) and ``pw2``'s input columns are permuted to that interleaved order, so the
-    concatenation disappears.
+    With merged kernels the identity and the branches are one depthwise convolution over ``cat(y, y, y, y)``
+    (each copy with its own kernel: identity, branch 1, 2, 3), the same channel order as the original
+    concatenation. oneDNN runs plain depthwise kernels far faster than grouped ones with several outputs per
+    channel, and the copies are cheap at the bottleneck's resolution.
     """
 
     def __init__(self, block: nn.Module, merge: bool) -> None:
@@ -334,30 +342,28 @@ class FusedBottleneck(nn.Module):
         w = w * s.view((1, -1) + (1,) * (w.ndim - 2))
         self.merged = bool(merge)
         branches = [FusedAxialDW(br, merge=merge) for br in block.branches]
+        self.n_parts = len(branches) + 1
         if merge:
             conv0 = branches[0].convs[0]
             ch = conv0.in_channels
             nd = conv0.weight.ndim - 2
+            dev = conv0.weight.device
             reach = max(br.convs[0].padding[0] for br in branches)
             size = 2 * reach + 1
-            parts = len(branches) + 1
-            dev = conv0.weight.device
-            kernel = torch.zeros((ch, parts) + (size,) * nd, dtype=torch.float64, device=dev)
-            bias = torch.zeros((ch, parts), dtype=torch.float64, device=dev)
-            kernel[(slice(None), 0) + (reach,) * nd] = 1.0
+            kernel = torch.zeros((self.n_parts, ch) + (size,) * nd, dtype=torch.float64, device=dev)
+            bias = torch.zeros((self.n_parts, ch), dtype=torch.float64, device=dev)
+            kernel[(0, slice(None)) + (reach,) * nd] = 1.0
             for j, br in enumerate(branches):
                 conv = br.convs[0]
                 r = conv.padding[0]
-                window = (slice(None), j + 1) + (slice(reach - r, reach + r + 1),) * nd
+                window = (j + 1, slice(None)) + (slice(reach - r, reach + r + 1),) * nd
                 kernel[window] = conv.weight.double()[:, 0]
-                bias[:, j + 1] = conv.bias.double()
-            # output channel g * parts + j is part j of channel g
+                bias[j + 1] = conv.bias.double()
+            n = ch * self.n_parts
             self.parts = _conv_like(
-                conv0, kernel.reshape((ch * parts, 1) + (size,) * nd), bias.reshape(-1),
-                out_channels=ch * parts, kernel_size=(size,) * nd, padding=(reach,) * nd,
+                conv0, kernel.reshape((n, 1) + (size,) * nd), bias.reshape(-1),
+                in_channels=n, out_channels=n, groups=n, kernel_size=(size,) * nd, padding=(reach,) * nd,
             )
-            order = torch.arange(ch * parts, device=w.device).view(parts, ch).t().reshape(-1)  # new column k reads old column order[k]
-            w = w[:, order]
             self.branches = nn.ModuleList()
         else:
             self.parts = nn.Identity()
@@ -368,7 +374,7 @@ class FusedBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pw1(x)
         if self.merged:
-            x = self.parts(x)
+            x = self.parts(torch.cat([x] * self.n_parts, dim=1))
         else:
             parts = [x]
             for br in self.branches:
