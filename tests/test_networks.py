@@ -283,10 +283,11 @@ def test_fusion_parity_2d(merge, channels_last):
         assert rel_err(fused(x), net(x)) <= 1e-4
 
 
-def test_fusion_parity_3d_and_fewer_ops():
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fusion_parity_3d_and_fewer_ops(channels_last):
     torch.manual_seed(0)
     net = randomise_norms(ULite(3, 1, 2, features=(8, 16, 32, 64, 128))).eval()
-    fused = fuse_ulite(net)
+    fused = fuse_ulite(net, channels_last=channels_last)
     x = torch.randn(1, 1, 40, 36, 33)
     with torch.no_grad():
         assert rel_err(fused(x), net(x)) <= 1e-4
