@@ -49,9 +49,10 @@ def test_tuned_inference_reuses_memory():
           f"tuned {tuned['faults_per_forward']:.0f}")
     assert "M_MMAP_MAX=0" in tuned["settings"]
     assert default["settings"] == "default"
-    # a forward pass touches about 20 MB of activations: re-faulting them would be thousands of faults
-    assert tuned["faults_per_forward"] < 100
-    assert default["faults_per_forward"] > tuned["faults_per_forward"]
+    # a forward pass touches about 20 MB of activations: re-faulting them is thousands of faults per pass
+    # (measured 3,600 to 10,000); tuned, the heap is reused (measured 0, about 100 while other jobs ran)
+    assert tuned["faults_per_forward"] < 1000
+    assert tuned["faults_per_forward"] * 10 < max(default["faults_per_forward"], 1000)
 
 
 def test_opt_out_leaves_the_allocator_alone():
