@@ -89,6 +89,7 @@ def test_quick_speed_and_sliding_window_outputs(tmp_path):
         assert r["status"] == "ok", r["notes"]
         assert r["params"] > 800_000 and r["flops"] > 0
         assert r["latency_bs1"]["n"] == 3 and r["latency_bs1"]["p90_ms"] >= r["latency_bs1"]["median_ms"] > 0
+        assert r["burst"] == 2 and r["latency_bs1_cold"]["n"] == 3  # quick: 3 rounds of 2 calls, first is cold
         assert r["throughput_per_s"] > 0 and r["infer_peak_rss_mb"] > 50
     assert res["ulite"]["train_step"]["median_ms"] > 0 and res["ulite"]["train_peak_rss_mb"] > 50
     assert "train_step" not in res["ulite-fused"]  # eval-only variant
@@ -96,6 +97,9 @@ def test_quick_speed_and_sliding_window_outputs(tmp_path):
     assert len(ratio) == 1
     assert ratio[0]["speedup"] == pytest.approx(
         res["ulite"]["latency_bs1"]["median_ms"] / res["ulite-fused"]["latency_bs1"]["median_ms"])
+    cold = [q for q in data["speed"]["ratios_cold"] if q["model"] == "ulite-fused" and q["versus"] == "ulite"]
+    assert cold[0]["speedup"] == pytest.approx(
+        res["ulite"]["latency_bs1_cold"]["median_ms"] / res["ulite-fused"]["latency_bs1_cold"]["median_ms"])
     sw = data["sliding_window"]
     assert sw["volume"] == [48, 48, 32]
     assert [r["status"] for r in sw["runs"]] == ["ok"]
@@ -104,6 +108,7 @@ def test_quick_speed_and_sliding_window_outputs(tmp_path):
     md = (out / "benchmark.md").read_text()
     assert "| U-Lite (unfused) |" in md and "| U-Lite fused |" in md and "Sliding-window" in md
     assert "fused U-Lite speed-up over the unfused reference structure" in md
+    assert "| bs1 cold median (ms) |" in md and "| cold calls |" in md
     png = (out / "latency_vs_params.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

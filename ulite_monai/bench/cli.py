@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=20, help="timed bs1 calls per model in 2D")
     g.add_argument("--repeats-3d", type=int, default=5, help="timed bs1 calls per model in 3D")
     g.add_argument("--warmup", type=int, default=2, help="untimed calls per model before timing")
+    g.add_argument("--burst", type=int, default=3,
+                   help="bs1 calls per model per round, back to back; the first of each burst is reported as "
+                        "the cold latency, the others as the steady-state latency")
     g.add_argument("--throughput-batch", type=int, default=8, help="batch size of the 2D throughput run (0: off)")
     g.add_argument("--train-batch", type=int, default=1, help="batch size of the training step")
     g.add_argument("--no-train", action="store_true", help="skip training-step measurements")
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
         result["speed"] = run_speed(
             models, dims_list=args.dims,
             repeats=3 if q else args.repeats, repeats_3d=2 if q else args.repeats_3d,
-            warmup=1 if q else args.warmup, throughput_batch=2 if q and args.throughput_batch else args.throughput_batch,
+            warmup=1 if q else args.warmup, burst=2 if q else args.burst, throughput_batch=2 if q and args.throughput_batch else args.throughput_batch,
             train_batch=max(2, args.train_batch) if q else args.train_batch, train=not args.no_train,
             size_2d=args.size_2d or ((64, 64) if q else (256, 256)),
             size_3d=args.size_3d or ((32, 32, 32) if q else (128, 128, 128)),

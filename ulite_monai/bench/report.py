@@ -109,7 +109,7 @@ def _speed_tables(speed: dict) -> list[str]:
         shape = "x".join(str(s) for s in rows[0]["input_shape"])
         tb = next((r.get("throughput_batch") for r in rows if r.get("throughput_batch")), None)
         lines += [f"### {dims}D, input {shape}", ""]
-        head = ["Model", "Params", "GFLOPs", "bs1 median (ms)", "bs1 p90 (ms)"]
+        head = ["Model", "Params", "GFLOPs", "bs1 median (ms)", "bs1 p90 (ms)", "bs1 cold median (ms)"]
         if tb:
             head.append(f"bs{tb} throughput (img/s)")
         head += ["train step (ms)", "peak RSS infer (MB)", "peak RSS train (MB)", "notes"]
@@ -117,10 +117,11 @@ def _speed_tables(speed: dict) -> list[str]:
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
         for r in rows:
             lat = r.get("latency_bs1") or {}
+            cold = r.get("latency_bs1_cold") or {}
             tr = r.get("train_step") or {}
             cells = [r["label"], _params(r.get("params")),
                      _f(r["flops"] / 1e9 if r.get("flops") else None, "{:.2f}"),
-                     _f(lat.get("median_ms")), _f(lat.get("p90_ms"))]
+                     _f(lat.get("median_ms")), _f(lat.get("p90_ms")), _f(cold.get("median_ms"))]
             if tb:
                 cells.append(_f(r.get("throughput_per_s")))
             notes = list(r.get("notes", []))
@@ -131,9 +132,13 @@ def _speed_tables(speed: dict) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if speed.get("ratios"):
-        lines += ["### Same-run ratios (bs1 median latency)", "", "| dims | ratio | speed-up |", "|---|---|---:|"]
+        cold = {(q["dims"], q["model"], q["versus"]): q["speedup"] for q in speed.get("ratios_cold", [])}
+        lines += ["### Same-run ratios (bs1 median latency)", "",
+                  "| dims | ratio | speed-up | cold calls |", "|---|---|---:|---:|"]
         for q in speed["ratios"]:
-            lines.append(f"| {q['dims']}D | {q['meaning']} | {q['speedup']:.2f}x |")
+            c = cold.get((q["dims"], q["model"], q["versus"]))
+            lines.append(f"| {q['dims']}D | {q['meaning']} | {q['speedup']:.2f}x | "
+                         + (f"{c:.2f}x" if c else "–") + " |")
         lines.append("")
     return lines
 
@@ -191,7 +196,12 @@ def markdown(report: dict) -> str:
                   f"{run.get('load_average_end')}).", ""]
     if "speed" in report:
         lines += ["## Speed and memory", "",
-                  "Latency: median and p90 of interleaved calls (one call per model in turn) after warm-up. "
+                  "Latency: each round runs every model in turn, a burst of calls back to back (after warm-up). "
+                  "bs1 median and p90: the calls after the first of each burst, the steady-state latency of a "
+                  "model serving requests back to back. bs1 cold: the first call of each burst, which runs "
+                  "after the other models have evicted this one's weights and activations from the CPU "
+                  "caches. Ratios use the steady-state medians; the cold column gives them from the cold "
+                  "calls. "
                   "Peak RSS: a fresh child process per model builds it, warms up, resets the high-water mark "
                   "and runs the workload; the figure includes the Python/torch runtime and the weights.", ""]
         lines += _speed_tables(report["speed"])

@@ -6,10 +6,14 @@ Procedure (per number of spatial dims):
 1. each model is first run in its own child process (:mod:`ulite_monai.bench.probe`): parameters,
    FLOPs, peak RSS of bs1 inference and of one training step. The child is killed past the time or
    memory cap, and the model is then listed as skipped with the reason;
-2. the models that passed are built in this process, warmed up, and timed *interleaved* (one call of
-   each model in turn, ``repeats`` rounds), so that load from other processes hits all of them alike;
-   medians and p90 are reported. Throughput at batch 8 (2D) and the training step are interleaved the
-   same way.
+2. the models that passed are built in this process, warmed up, and timed *interleaved*: each round
+   runs every model in turn, ``burst`` calls back to back (default 3), so that load from other processes
+   hits all of them alike. The first call of a burst follows the other models' calls, whose activations
+   and weights have evicted this model's from the CPU caches: it is reported apart as the *cold* latency.
+   The others are the steady-state latency of a model serving requests back to back, the usual meaning
+   of bs1 latency (what ``torch.utils.benchmark`` measures); medians and p90 of those are reported and
+   the ratios are computed from them (and, in a second table, from the cold calls). Throughput at batch 8
+   (2D) and the training step are interleaved one call at a time.
 """
 
 from __future__ import annotations
@@ -40,16 +44,27 @@ RATIO_PAIRS = (
 )
 
 
-def _interleave(calls: dict[str, Callable[[], object]], rounds: dict[str, int]) -> dict[str, list[float]]:
-    """Time ``rounds[name]`` calls of each callable, one call of each in turn."""
+def _interleave(calls: dict[str, Callable[[], object]], rounds: dict[str, int], burst: int = 1
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time ``rounds[name]`` rounds of each callable, each model in turn, ``burst`` calls back to back.
+
+    Returns ``(samples, cold)``: with ``burst > 1`` the first call of each burst goes to ``cold`` and the
+    others to ``samples``; with ``burst == 1`` every call is in both.
+    """
     samples: dict[str, list[float]] = {k: [] for k in calls}
+    cold: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(max(rounds.values(), default=0)):
         for name, fn in calls.items():
             if r < rounds[name]:
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t0)
-    return samples
+                for i in range(max(1, burst)):
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = time.perf_counter() - t0
+                    if i == 0:
+                        cold[name].append(dt)
+                    if i > 0 or burst <= 1:
+                        samples[name].append(dt)
+    return samples, cold
 
 
 def _rounds(repeats: int, est_s: float | None, budget_s: float, minimum: int = 3) -> int:
@@ -71,6 +86,7 @@ def run_speed(
     repeats: int = 20,
     repeats_3d: int = 5,
     warmup: int = 2,
+    burst: int = 3,
     throughput_batch: int = 8,
     train_batch: int = 1,
     train: bool = True,
@@ -88,6 +104,7 @@ def run_speed(
         repeats: timed bs1 calls per model in 2D; ``repeats_3d`` in 3D (fewer for slow models, so that
             one model's timed calls stay within half of ``max_model_s``).
         warmup: untimed calls per model before timing.
+        burst: bs1 calls per model per round, back to back (the first is the cold call).
         throughput_batch: batch size of the throughput measurement (2D only; 0 to skip).
         train_batch: batch size of the training step.
         train: measure training steps.
@@ -154,11 +171,14 @@ def run_speed(
                     calls[n]()
                 recs[n]["warmup_s"] = time.perf_counter() - t0
             budget = max_model_s / 2
-            rounds = {n: _rounds(reps, recs[n]["probe_call_s"], budget) for n in ok}
-            log(f"[{dims}D] latency bs1: interleaved, up to {reps} rounds ...")
-            lat = _interleave(calls, rounds)
+            burst = max(1, int(burst))
+            rounds = {n: _rounds(reps, (recs[n]["probe_call_s"] or 0) * burst, budget) for n in ok}
+            log(f"[{dims}D] latency bs1: interleaved, up to {reps} rounds of {burst} calls per model ...")
+            lat, cold = _interleave(calls, rounds, burst)
             for n in ok:
                 recs[n]["latency_bs1"] = measure.summarise(lat[n])
+                recs[n]["latency_bs1_cold"] = measure.summarise(cold[n])
+                recs[n]["burst"] = burst
 
             if dims == 2 and throughput_batch > 1:
                 xb = make_input(dims, throughput_batch, size)
@@ -167,7 +187,7 @@ def run_speed(
                     bcalls[n]()  # warm-up at this batch size (re-compiles where needed)
                 brounds = {n: max(3, rounds[n] // 4) for n in ok}
                 log(f"[{dims}D] throughput bs{throughput_batch}: interleaved ...")
-                thr = _interleave(bcalls, brounds)
+                thr, _ = _interleave(bcalls, brounds)
                 for n in ok:
                     s = measure.summarise(thr[n])
                     recs[n][f"latency_bs{throughput_batch}"] = s
@@ -184,7 +204,7 @@ def run_speed(
                     steps[n]()  # warm-up step
                 trounds = {n: _rounds(max(3, reps // 4), recs[n]["probe_train_s"], budget) for n in trainable}
                 log(f"[{dims}D] training step bs{train_batch}: interleaved ...")
-                tr = _interleave(steps, trounds)
+                tr, _ = _interleave(steps, trounds)
                 for n in trainable:
                     recs[n]["train_step"] = measure.summarise(tr[n])
                     recs[n]["train_batch"] = train_batch
@@ -193,18 +213,20 @@ def run_speed(
             out["results"].append(recs[n])
     out["load_average_end"] = measure.load_average()
     out["ratios"] = ratios(out["results"])
+    out["ratios_cold"] = ratios(out["results"], "latency_bs1_cold")
     return out
 
 
-def ratios(results: list[dict]) -> list[dict]:
-    """Same-run latency ratios (bs1 medians) for :data:`RATIO_PAIRS`, per dims."""
+def ratios(results: list[dict], key: str = "latency_bs1") -> list[dict]:
+    """Same-run latency ratios (bs1 medians of ``key``: steady state, or ``latency_bs1_cold``) for
+    :data:`RATIO_PAIRS`, per dims."""
     by = {(r["dims"], r["model"]): r for r in results}
     out = []
     for dims in sorted({r["dims"] for r in results}):
         for fast, slow, what in RATIO_PAIRS:
             a, b = by.get((dims, fast)), by.get((dims, slow))
-            if not a or not b or "latency_bs1" not in a or "latency_bs1" not in b:
+            if not a or not b or key not in a or key not in b:
                 continue
             out.append({"dims": dims, "model": fast, "versus": slow, "meaning": what,
-                        "speedup": b["latency_bs1"]["median_ms"] / a["latency_bs1"]["median_ms"]})
+                        "speedup": b[key]["median_ms"] / a[key]["median_ms"]})
     return out
