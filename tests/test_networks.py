@@ -353,3 +353,9 @@ def test_torch_compile_works():
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert rel_err(compiled(x), net(x)) <= 1e-4
+    # 3D through the same class (static shapes, as the benchmark compiles it)
+    net3 = randomise_norms(ULite(3, 1, 2, features=(4, 8, 16))).eval()
+    compiled3 = torch.compile(fuse_ulite(net3), dynamic=False)
+    x3 = torch.randn(1, 1, 24, 20, 16)
+    with torch.no_grad():
+        assert rel_err(compiled3(x3), net3(x3)) <= 1e-4

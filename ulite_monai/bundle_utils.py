@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from monai.data import NibabelWriter
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric
+
+from ulite_monai.utils import save_atomically
 
 __all__ = [
     "default_bundle_root",
@@ -296,15 +297,7 @@ class AtomicNibabelWriter(NibabelWriter):
     def write(self, filename, verbose: bool = False, **obj_kwargs):  # type: ignore[override]
         target = Path(filename)
         target.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp_", suffix=suffix)
-        os.close(fd)
-        try:
-            super().write(tmp, verbose=False, **obj_kwargs)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_atomically(lambda tmp: NibabelWriter.write(self, tmp, verbose=False, **obj_kwargs), target)
         if verbose:
             print(f"file written: {target}.", flush=True)
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Callable
 
-__all__ = ["save_atomically", "tune_cpu_allocator", "allocator_settings"]
+__all__ = ["save_atomically", "save_json_atomically", "tune_cpu_allocator", "allocator_settings"]
 
 _ALLOCATOR_TUNED: dict = {}
 
@@ -32,6 +32,20 @@ def save_atomically(save: Callable[[str], object], path: str | os.PathLike) -> s
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_json_atomically(obj, path: str | os.PathLike, indent: int | None = 2) -> str:
+    """Write ``obj`` as JSON (UTF-8, flushed to disk) to ``path`` through :func:`save_atomically`."""
+    import json
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    return save_atomically(write, path)
 
 
 def tune_cpu_allocator(trim_threshold_mb: int = 512) -> bool:

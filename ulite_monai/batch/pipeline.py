@@ -14,7 +14,6 @@ input grid, ``SaveImaged`` into a staging folder that the batch then renames ato
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ulite_monai.utils import save_json_atomically
 
 __all__ = ["BundlePipeline", "resolve_device"]
 
@@ -252,9 +253,4 @@ def to_volume_order(
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_json_atomically(obj, path)

@@ -30,7 +30,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.batch.pipeline import BundlePipeline, label_array, to_volume_order, write_json_atomic
+from ulite_monai.batch.pipeline import (
+    BundlePipeline,
+    label_array,
+    to_volume_order,
+    write_json_atomic,
+)
 from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg
 from ulite_monai.io.dicom_series import (
     DicomSeries,
@@ -41,6 +46,7 @@ from ulite_monai.io.dicom_series import (
     sanitize_name,
 )
 from ulite_monai.io.series_selection import SeriesSelector
+from ulite_monai.utils import save_atomically
 
 __all__ = ["BatchOptions", "run_batch"]
 
@@ -447,17 +453,15 @@ def _place_label_file(staged: list[Path], final_stem: Path, labels: np.ndarray, 
     if len(images) > 1:
         raise RuntimeError(f"the bundle's postprocessing wrote {len(images)} image files for one input; expected one")
     dest = final_stem.with_name(final_stem.name + ".nii.gz")
-    tmp = dest.with_name(".tmp-" + dest.name)
     if ld.volume is not None:
         import SimpleITK as sitk
 
         img = sitk.GetImageFromArray(labels.astype(np.uint8))
-        ref = ld.volume.to_sitk()
-        img.CopyInformation(ref)
-        sitk.WriteImage(img, str(tmp), useCompression=True)
+        img.CopyInformation(ld.volume.to_sitk())
+        save_atomically(lambda tmp: sitk.WriteImage(img, tmp, useCompression=True), dest)
     else:
         import nibabel as nib
 
-        nib.save(nib.Nifti1Image(labels.astype(np.uint8), pred_affine), str(tmp))
-    os.replace(tmp, dest)
+        nii = nib.Nifti1Image(labels.astype(np.uint8), pred_affine)
+        save_atomically(lambda tmp: nib.save(nii, tmp), dest)
     return dest

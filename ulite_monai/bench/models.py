@@ -64,7 +64,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("ulite-fused-nchw", "U-Lite fused NCHW", "ulite", False, "torch",
                   "fuse_ulite(net, channels_last=False)"),
         ModelSpec("ulite-fused-compile", "U-Lite fused + compile", "ulite", False, "torch.compile",
-                  "torch.compile(fuse_ulite(net)) (inductor, default mode)"),
+                  "torch.compile(fuse_ulite(net), dynamic=False) (inductor, default mode)"),
         ModelSpec("ulite-onnx", "U-Lite fused ONNX Runtime", "ulite", False, "onnxruntime",
                   "fuse_ulite(net) exported by torch.onnx.export (opset 18, dynamic batch/spatial axes), "
                   "CPUExecutionProvider"),
@@ -218,7 +218,9 @@ def build_model(name: str, dims: int, train: bool = False, workdir: str | None =
     if name == "ulite-fused":
         return fused, fused
     if name == "ulite-fused-compile":
-        return torch.compile(fused), fused
+        # static shapes: one process compiles the class's forward for 2D bs1, bs8 and 3D; automatic dynamic
+        # shapes after the second shape hit an inductor lowering error on the 3D views (torch 2.13)
+        return torch.compile(fused, dynamic=False), fused
     if name == "ulite-onnx":
         # exported from the NC... layout (ONNX has no memory formats; ONNX Runtime chooses its own layout)
         workdir = workdir or tempfile.mkdtemp(prefix="ulite_bench_")

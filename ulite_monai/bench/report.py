@@ -7,8 +7,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
+
+from ulite_monai.utils import save_atomically
 
 __all__ = ["environment", "write_json", "write_text", "markdown", "plot"]
 
@@ -69,15 +70,7 @@ def _git_state() -> dict | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_atomically(lambda tmp: Path(tmp).write_bytes(data), path)
 
 
 def write_json(obj, path) -> Path:
@@ -239,14 +232,8 @@ def plot(speed: dict, path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        save_atomically(lambda tmp: fig.savefig(tmp, dpi=110), path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -20,14 +20,12 @@ Layout written under ``dataset_dir``::
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ulite_monai.utils import save_atomically
+from ulite_monai.utils import save_atomically, save_json_atomically
 
 __all__ = ["DEMO_VERSION", "generate_demo_dataset", "make_demo_case", "ensure_demo_dataset"]
 
@@ -158,10 +156,7 @@ def _atomic_save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _atomic_write_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    save_json_atomically(obj, path)
 
 
 def generate_demo_dataset(

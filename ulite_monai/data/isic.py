@@ -10,10 +10,11 @@ found under the folder with a ``<stem>_segmentation.png`` found anywhere under t
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ulite_monai.utils import save_atomically
 
 __all__ = ["isic_pairs", "isic_split", "generate_isic_demo", "is_isic_folder"]
 
@@ -98,8 +99,6 @@ def generate_isic_demo(
     for i in range(num_cases):
         img, mask = _lesion_case(rng, size)
         for arr, name, fmt in ((img, f"demo_{i:03d}.jpg", "JPEG"), (mask, f"demo_{i:03d}{MASK_SUFFIX}", "PNG")):
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp_", suffix=Path(name).suffix)
-            os.close(fd)
-            Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-            os.replace(tmp, root / name)
+            opts = {"quality": 95} if fmt == "JPEG" else {}
+            save_atomically(lambda tmp, a=arr, f=fmt, o=opts: Image.fromarray(a).save(tmp, format=f, **o), root / name)
     return isic_pairs(root)

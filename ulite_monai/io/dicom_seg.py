@@ -20,7 +20,6 @@ frame is of no use in a viewer and some archives reject it.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ulite_monai.io.dicom_series import SeriesVolume
+from ulite_monai.utils import save_atomically
 
 __all__ = ["SegmentInfo", "segments_from_channel_def", "write_dicom_seg", "label_volume_to_source_frames"]
 
@@ -197,13 +197,5 @@ def write_dicom_seg(
         series_description=series_description[:64],
     )
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=out_path.parent)
-    os.close(fd)
-    try:
-        seg.save_as(tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomically(seg.save_as, out_path)
     return out_path

@@ -101,7 +101,7 @@ class PointwiseConv(nn.Module):
             if x.is_contiguous(memory_format=torch.channels_last_3d):
                 n, c, d, h, w = x.shape
                 planes = x.permute(0, 2, 3, 4, 1).reshape(n * d, h, w, c).permute(0, 3, 1, 2)
-                y = F.conv2d(planes, self.weight.squeeze(-1), b)
+                y = F.conv2d(planes, self.weight.reshape(self.weight.shape[0], self.weight.shape[1], 1, 1), b)
                 return y.permute(0, 2, 3, 1).reshape(n, d, h, w, y.shape[1]).permute(0, 4, 1, 2, 3)
             return F.conv3d(x, self.weight, b)
         return F.conv1d(x, self.weight, b)

@@ -18,7 +18,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
-from ulite_monai.utils import save_atomically
+from ulite_monai.utils import save_atomically, save_json_atomically
 
 from .bundle import BundleSource
 from .checkpoint import load_state_dict
@@ -33,10 +33,7 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 
 def _atomic_json(obj: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    save_json_atomically(obj, path)
 
 
 class ULiteTrain(TrainTask):
