@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quick CPU speed check of U-Lite's inference paths against MONAI's UNet (one run, interleaved).
+"""Quick CPU speed check of U-Lite's inference paths against MONAI's UNet (one run, interleaved in bursts).
 
 Prints bs1 and bs8 latency at 3x256x256 (2D, 3->1) and bs1 at 1x1x128^3 (3D, 1->2) for:
   unfused   ULite in eval mode, NCHW, reference structure
@@ -41,18 +41,28 @@ def build(dims: int, in_ch: int, out_ch: int, onnx_dir: str):
     }
 
 
-def run(models: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def run(models: dict, x: torch.Tensor, repeats: int, burst: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Median latency (ms) per model: steady state and cold.
+
+    Interleaved: each round runs every model in turn, ``burst`` calls back to back. The first call of a burst
+    follows the other models (their data has evicted this model's from the caches): the *cold* figure. The
+    others are the steady state of a model serving requests back to back (the main figure, as in
+    ``python -m ulite_monai.bench``).
+    """
     times: dict[str, list[float]] = {k: [] for k in models}
+    cold: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for fn in models.values():  # warm-up
             fn(x)
             fn(x)
-        for _ in range(repeats):  # interleaved: each round runs every model once
+        for _ in range(repeats):
             for name, fn in models.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+                for i in range(max(1, burst)):
+                    t0 = time.perf_counter()
+                    fn(x)
+                    (cold if i == 0 else times)[name].append(time.perf_counter() - t0)
+    steady = {k: 1000 * statistics.median(v or cold[k]) for k, v in times.items()}
+    return steady, {k: 1000 * statistics.median(v) for k, v in cold.items()}
 
 
 def main() -> None:
@@ -60,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-3d", action="store_true")
+    ap.add_argument("--burst", type=int, default=3, help="calls per model per round; the first is the cold call")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc at its defaults (the inference paths tune it; see tune_cpu_allocator)")
     args = ap.parse_args()
@@ -76,11 +87,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models2d = build(2, 3, 1, tmp)
         for bs in (1, 8):
-            res = run(models2d, torch.randn(bs, 3, 256, 256), args.repeats if bs == 1 else max(3, args.repeats // 3))
-            rows.append((f"2D bs{bs} 3x256x256", res))
+            steady, cold = run(models2d, torch.randn(bs, 3, 256, 256),
+                               args.repeats if bs == 1 else max(3, args.repeats // 3), args.burst)
+            rows.append((f"2D bs{bs} 3x256x256", steady))
+            rows.append(("  cold calls", cold))
         if not args.no_3d:
             models3d = build(3, 1, 2, tmp)
-            rows.append(("3D bs1 1x128^3", run(models3d, torch.randn(1, 1, 128, 128, 128), max(3, args.repeats // 3))))
+            steady, cold = run(models3d, torch.randn(1, 1, 128, 128, 128), max(3, args.repeats // 3), 2)
+            rows += [("3D bs1 1x128^3", steady), ("  cold calls", cold)]
     names = list(rows[0][1])
     print(f"{'input':<22}" + "".join(f"{n:>12}" for n in names) + f"{'unfused/default':>17}{'unet/default':>14}")
     for label, res in rows:
@@ -88,6 +102,7 @@ def main() -> None:
             f"{label:<22}" + "".join(f"{res[n]:>10.1f}ms" for n in names)
             + f"{res['unfused'] / res['default']:>16.2f}x{res['monai_unet'] / res['default']:>13.2f}x"
         )
+    print(f"steady state: median of the calls after the first in each burst of {args.burst}; cold: the first calls")
 
 
 if __name__ == "__main__":
