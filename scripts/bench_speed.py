@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -44,25 +43,21 @@ def build(dims: int, in_ch: int, out_ch: int, onnx_dir: str):
 def run(models: dict, x: torch.Tensor, repeats: int, burst: int = 3) -> tuple[dict[str, float], dict[str, float]]:
     """Median latency (ms) per model: steady state and cold.
 
-    Interleaved: each round runs every model in turn, ``burst`` calls back to back. The first call of a burst
-    follows the other models (their data has evicted this model's from the caches): the *cold* figure. The
-    others are the steady state of a model serving requests back to back (the main figure, as in
-    ``python -m ulite_monai.bench``).
+    Interleaved as in ``python -m ulite_monai.bench`` (:func:`ulite_monai.bench.speed.interleave`): each round
+    runs every model in turn, ``burst`` calls back to back. The first call of a burst follows the other models
+    (their data has evicted this model's from the caches): the *cold* figure. The others are the steady state
+    of a model serving requests back to back (the main figure).
     """
-    times: dict[str, list[float]] = {k: [] for k in models}
-    cold: dict[str, list[float]] = {k: [] for k in models}
+    from ulite_monai.bench.speed import interleave
+
     with torch.inference_mode():
-        for fn in models.values():  # warm-up
-            fn(x)
-            fn(x)
-        for _ in range(repeats):
-            for name, fn in models.items():
-                for i in range(max(1, burst)):
-                    t0 = time.perf_counter()
-                    fn(x)
-                    (cold if i == 0 else times)[name].append(time.perf_counter() - t0)
-    steady = {k: 1000 * statistics.median(v or cold[k]) for k, v in times.items()}
-    return steady, {k: 1000 * statistics.median(v) for k, v in cold.items()}
+        calls = {name: (lambda fn=fn: fn(x)) for name, fn in models.items()}
+        for call in calls.values():  # warm-up
+            call()
+            call()
+        times, cold = interleave(calls, {k: repeats for k in calls}, {k: burst for k in calls})
+    return ({k: 1000 * statistics.median(v) for k, v in times.items()},
+            {k: 1000 * statistics.median(v) for k, v in cold.items()})
 
 
 def main() -> None:

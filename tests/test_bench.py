@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from ulite_monai.bench import cli, measure, report
-from ulite_monai.bench.models import MODELS, build_model
+from ulite_monai.bench.models import build_model
 from ulite_monai.bench.sliding import bundle_inferer_settings, sweep_settings
-from ulite_monai.bench.workloads import make_input
 
 
 def test_summarise_median_and_p90():

@@ -94,15 +94,10 @@ class OrtModule:
     """
 
     def __init__(self, path: str, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from ulite_monai.networks import onnx_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # no busy-waiting between runs: spinning ORT threads would slow the next model in the interleaved loop
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        # spinning off (onnx_session's default): busy ORT threads would slow the next model in the interleaved loop
+        self.session = onnx_session(path, threads=int(threads or torch.get_num_threads()))
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
 

@@ -29,7 +29,7 @@ from ulite_monai.bench import measure
 from ulite_monai.bench.models import MODELS, build_model, input_shape
 from ulite_monai.bench.workloads import make_infer, make_input, make_train_step
 
-__all__ = ["run_speed", "RATIO_PAIRS"]
+__all__ = ["run_speed", "interleave", "RATIO_PAIRS"]
 
 #: (numerator model, denominator model, what the ratio means); ratio = latency(denominator) / latency(numerator)
 RATIO_PAIRS = (
@@ -44,7 +44,7 @@ RATIO_PAIRS = (
 )
 
 
-def _interleave(calls: dict[str, Callable[[], object]], rounds: dict[str, int],
+def interleave(calls: dict[str, Callable[[], object]], rounds: dict[str, int],
                 bursts: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time ``rounds[name]`` rounds of each callable, each model in turn, ``bursts[name]`` calls back to back.
 
@@ -177,7 +177,7 @@ def run_speed(
             bursts = {n: max(1, int(burst)) if (recs[n]["probe_call_s"] or 0) < 1.0 else 1 for n in ok}
             rounds = {n: _rounds(reps, (recs[n]["probe_call_s"] or 0) * bursts[n], budget) for n in ok}
             log(f"[{dims}D] latency bs1: interleaved, up to {reps} rounds of up to {burst} calls per model ...")
-            lat, cold = _interleave(calls, rounds, bursts)
+            lat, cold = interleave(calls, rounds, bursts)
             for n in ok:
                 recs[n]["latency_bs1"] = measure.summarise(lat[n])
                 recs[n]["latency_bs1_cold"] = measure.summarise(cold[n])
@@ -190,7 +190,7 @@ def run_speed(
                     bcalls[n]()  # warm-up at this batch size (re-compiles where needed)
                 brounds = {n: max(3, rounds[n] // 4) for n in ok}
                 log(f"[{dims}D] throughput bs{throughput_batch}: interleaved ...")
-                thr, _ = _interleave(bcalls, brounds)
+                thr, _ = interleave(bcalls, brounds)
                 for n in ok:
                     s = measure.summarise(thr[n])
                     recs[n][f"latency_bs{throughput_batch}"] = s
@@ -207,7 +207,7 @@ def run_speed(
                     steps[n]()  # warm-up step
                 trounds = {n: _rounds(max(3, reps // 4), recs[n]["probe_train_s"], budget) for n in trainable}
                 log(f"[{dims}D] training step bs{train_batch}: interleaved ...")
-                tr, _ = _interleave(steps, trounds)
+                tr, _ = interleave(steps, trounds)
                 for n in trainable:
                     recs[n]["train_step"] = measure.summarise(tr[n])
                     recs[n]["train_batch"] = train_batch

@@ -75,26 +75,24 @@ def _bias(conv: nn.Module) -> torch.Tensor:
 class PointwiseConv(nn.Module):
     """A 1x1 (x1) convolution, built from a conv's geometry with optional new ``weight`` and ``bias``.
 
-    ``use_bias=False`` drops the bias. It runs on oneDNN's 1x1 convolution: about twice as fast as a GEMM
+    It runs on oneDNN's 1x1 convolution: about twice as fast as a GEMM
     over a ``(voxels, C)`` view on U-Lite's 2D maps. A channels-last 3D input runs as a 2D 1x1 conv over its
     ``(N * D, C, H, W)`` view (the same memory): measured 1.5x to 5x faster than oneDNN's 1x1x1 conv3d or
     the GEMM on most of U-Lite's 3D shapes.
     """
 
-    def __init__(self, conv: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 use_bias: bool = True) -> None:
+    def __init__(self, conv: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         w = conv.weight if weight is None else weight
         if bias is None:
             bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], device=w.device)
         self.spatial_dims = conv.weight.ndim - 2
-        self.use_bias = bool(use_bias)
         shape = (w.shape[0], w.shape[1]) + (1,) * self.spatial_dims
         self.weight = nn.Parameter(w.detach().reshape(shape).float().clone(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b: torch.Tensor | None = self.bias if self.use_bias else None
+        b = self.bias
         if self.spatial_dims == 2:
             return F.conv2d(x, self.weight, b)
         if self.spatial_dims == 3:
@@ -175,12 +173,9 @@ def merged_axial_kernel(block: AxialDWConv, scale: torch.Tensor | None = None, s
 class FusedAxialDW(nn.Module):
     """``scale * (x + sum_axis conv_axis(x)) + shift`` with the identity and the optional affine folded in.
 
-    ``merge=False``: a sum of per-axis depthwise convs. ``merge=True``: in 1D/2D one depthwise conv with a
-    dense kernel holding the cross of axial taps (oneDNN's square depthwise kernels are several times faster
-    than its 7x1 ones). In 3D a dense 7x7x7 kernel would do 343 multiply-adds for 19 taps, so the cross is
-    split into an in-plane part (one 2D depthwise conv over the H-W planes, identity included) and a
-    through-plane part (a 2D depthwise conv with a K x 1 kernel over a (D, H*W) view); on channels-last
-    tensors both are plain views, measured 2x to 3x faster than the dense 3D kernel.
+    ``merge=False``: a sum of per-axis depthwise convs. ``merge=True``: one depthwise conv with a dense kernel
+    holding the cross of axial taps (oneDNN's square depthwise kernels are several times faster than its 7x1
+    ones). 3D blocks use :class:`PlaneDepthDW` instead (see :func:`fused_axial`).
     """
 
     def __init__(self, block: AxialDWConv, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
@@ -188,28 +183,12 @@ class FusedAxialDW(nn.Module):
         super().__init__()
         convs = list(block.convs)
         nd = convs[0].weight.ndim - 2
-        self.split_3d = bool(merge) and nd == 3
-        self.reach = 0
-        empty = torch.empty(0, device=convs[0].weight.device)
-        self.plane_weight = nn.Parameter(empty.clone(), requires_grad=False)
-        self.plane_bias = nn.Parameter(empty.clone(), requires_grad=False)
-        self.depth_weight = nn.Parameter(empty.clone(), requires_grad=False)
         if merge:
             w, b, reach = merged_axial_kernel(block, scale, shift)
-            self.reach = reach
             size = 2 * reach + 1
-            if self.split_3d:
-                w_plane = w[:, :, reach : reach + 1]  # (C, 1, 1, K, K): the in-plane cross and the centre
-                w_depth = w[:, :, :, reach : reach + 1, reach : reach + 1].clone()  # (C, 1, K, 1, 1)
-                w_depth[:, :, reach] = 0.0  # the centre tap is in the plane part
-                self.plane_weight = nn.Parameter(w_plane.float().contiguous(), requires_grad=False)
-                self.plane_bias = nn.Parameter(b.float(), requires_grad=False)
-                self.depth_weight = nn.Parameter(w_depth.float(), requires_grad=False)
-                self.convs = nn.ModuleList()
-            else:
-                self.convs = nn.ModuleList(
-                    [_conv_like(convs[0], w, b, kernel_size=(size,) * nd, padding=(reach,) * nd, dilation=1)]
-                )
+            self.convs = nn.ModuleList(
+                [_conv_like(convs[0], w, b, kernel_size=(size,) * nd, padding=(reach,) * nd, dilation=1)]
+            )
         else:
             ch = convs[0].in_channels
             dev = convs[0].weight.device
@@ -230,26 +209,57 @@ class FusedAxialDW(nn.Module):
             self.convs = nn.ModuleList(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split_3d:
-            r = self.reach
-            c = x.shape[1]
-            if x.is_contiguous(memory_format=torch.channels_last_3d):
-                n, c, d, h, w = x.shape
-                planes = x.permute(0, 2, 3, 4, 1).reshape(n * d, h, w, c).permute(0, 3, 1, 2)
-                out = F.conv2d(planes, self.plane_weight.squeeze(2), self.plane_bias, padding=(r, r), groups=c)
-                columns = x.permute(0, 2, 3, 4, 1).reshape(n, d, h * w, c).permute(0, 3, 1, 2)
-                through = F.conv2d(columns, self.depth_weight.squeeze(-1), None, padding=(r, 0), groups=c)
-                out = out.permute(0, 2, 3, 1).reshape(n, d, h * w, c)
-                out.add_(through.permute(0, 2, 3, 1))
-                return out.reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
-            out = F.conv3d(x, self.plane_weight, self.plane_bias, padding=(0, r, r), groups=c)
-            return out + F.conv3d(x, self.depth_weight, None, padding=(r, 0, 0), groups=c)
         if len(self.convs) == 1:
             return self.convs[0](x)
         out = x
         for i, conv in enumerate(self.convs):
             out = conv(x) if i == 0 else out + conv(x)
         return out
+
+
+class PlaneDepthDW(nn.Module):
+    """A merged 3D axial block: an in-plane depthwise conv (the H-W cross, the centre tap, the bias) plus a
+    through-plane one (the D taps).
+
+    A dense 7x7x7 kernel would do 343 multiply-adds for 19 taps. On channels-last tensors both parts run as
+    2D depthwise convs over views of the same memory (``(N*D, C, H, W)`` and ``(N, C, D, H*W)``): measured 2x
+    to 3x faster than the dense 3D kernel. Other layouts use two conv3d.
+    """
+
+    def __init__(self, block: AxialDWConv, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+                 ) -> None:
+        super().__init__()
+        w, b, reach = merged_axial_kernel(block, scale, shift)
+        self.reach = reach
+        w_depth = w[:, :, :, reach : reach + 1, reach : reach + 1].clone()  # (C, 1, K, 1, 1)
+        w_depth[:, :, reach] = 0.0  # the centre tap is in the plane part
+        # (C, 1, 1, K, K): the in-plane cross and the centre
+        self.plane_weight = nn.Parameter(w[:, :, reach : reach + 1].float().contiguous(), requires_grad=False)
+        self.plane_bias = nn.Parameter(b.float(), requires_grad=False)
+        self.depth_weight = nn.Parameter(w_depth.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.reach
+        c = x.shape[1]
+        if x.is_contiguous(memory_format=torch.channels_last_3d):
+            n, c, d, h, w = x.shape
+            planes = x.permute(0, 2, 3, 4, 1).reshape(n * d, h, w, c).permute(0, 3, 1, 2)
+            out = F.conv2d(planes, self.plane_weight.squeeze(2), self.plane_bias, padding=(r, r), groups=c)
+            columns = x.permute(0, 2, 3, 4, 1).reshape(n, d, h * w, c).permute(0, 3, 1, 2)
+            through = F.conv2d(columns, self.depth_weight.squeeze(-1), None, padding=(r, 0), groups=c)
+            out = out.permute(0, 2, 3, 1).reshape(n, d, h * w, c)
+            out.add_(through.permute(0, 2, 3, 1))
+            return out.reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+        out = F.conv3d(x, self.plane_weight, self.plane_bias, padding=(0, r, r), groups=c)
+        return out + F.conv3d(x, self.depth_weight, None, padding=(r, 0, 0), groups=c)
+
+
+def fused_axial(block: AxialDWConv, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                merge: bool = False) -> nn.Module:
+    """The fused form of an axial block: :class:`PlaneDepthDW` for merged 3D blocks, else :class:`FusedAxialDW`."""
+    if merge and block.convs[0].weight.ndim == 5:
+        return PlaneDepthDW(block, scale, shift)
+    return FusedAxialDW(block, scale, shift, merge=merge)
 
 
 class Activation(nn.Module):
@@ -282,15 +292,14 @@ class FusedEncoderBlock(nn.Module):
     convolution yields both the branch to pool and the decoder's projection of the skip, which is returned
     instead of the skip itself."""
 
-    def __init__(self, block: nn.Module, merge: bool, skip_weight: torch.Tensor | None = None) -> None:
+    def __init__(self, block: nn.Module, merge: bool, skip_weight: torch.Tensor) -> None:
         super().__init__()
         s, t = _bn_affine(block.norm)
-        self.dw = FusedAxialDW(block.dw, s, t, merge=merge)
+        self.dw = fused_axial(block.dw, s, t, merge=merge)
         pw = block.pw
         self.n_out = pw.out_channels
         w = pw.weight.detach().double().reshape(pw.out_channels, pw.in_channels)
-        if skip_weight is not None:
-            w = torch.cat([w, skip_weight.double().reshape(-1, pw.in_channels)], 0)
+        w = torch.cat([w, skip_weight.double().reshape(-1, pw.in_channels)], 0)
         # the skip projection's bias rides on the decoder's coarse half; oneDNN adds conv biases for free,
         # which measured faster than adding the encoder's bias after pooling (one op fewer per stage)
         b = _bias(pw)
@@ -309,18 +318,16 @@ class FusedEncoderBlock(nn.Module):
 class FusedDecoderBlock(nn.Module):
     """``act(pw2(dw(bn(pw(cat(up(x), skip))))))`` as ``act(pw2(dw(up(pw_a(x)) + pw_b(skip))))``.
 
-    ``pw_b(skip)`` arrives precomputed from the encoder (see :class:`FusedEncoderBlock`); :attr:`skip_weight`
-    holds its weights. On channels-last tensors ``pw_a`` runs with its output channels repeated twice, so its
+    ``pw_b(skip)`` arrives precomputed from the encoder (see :class:`FusedEncoderBlock`), which gets its
+    weights from :meth:`skip_weight`. On channels-last tensors ``pw_a`` runs with its output channels repeated twice, so its
     result laid out in memory is already up-sampled along the last axis, and the up-sampling along the other
     axes is a broadcast inside the addition.
     """
 
     def __init__(self, block: nn.Module, merge: bool) -> None:
         super().__init__()
-        s, t = _bn_affine(block.norm)
         pw = block.pw
-        w = pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1))
-        b = _bias(pw) * s + t
+        w, b = self._folded_pw(block)
         n_up = pw.in_channels - pw.out_channels
         self.spatial_dims = pw.weight.ndim - 2
         # the merged bias rides on the coarse half (added before up-sampling, at 1 / 2**d of the voxels)
@@ -331,17 +338,22 @@ class FusedDecoderBlock(nn.Module):
             self.pw_up = PointwiseConv(pw, torch.cat([w[:, :n_up]] * 2, 0), torch.cat([b, b]))
         else:
             self.pw_up = PointwiseConv(pw, w[:, :n_up], b)
-        self.dw = FusedAxialDW(block.dw, merge=merge)
+        self.dw = fused_axial(block.dw, merge=merge)
         self.pw2 = PointwiseConv(block.pw2)
         self.act = Activation(block.act)
 
     @staticmethod
+    def _folded_pw(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``block.pw`` with the following BatchNorm folded in: weights over ``cat(up(x), skip)`` and bias."""
+        s, t = _bn_affine(block.norm)
+        pw = block.pw
+        return pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1)), _bias(pw) * s + t
+
+    @staticmethod
     def skip_weight(block: nn.Module) -> torch.Tensor:
         """The BN-folded 1x1 weights that ``block`` applies to its skip input (computed by the encoder)."""
-        s, _ = _bn_affine(block.norm)
-        pw = block.pw
-        w = pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1))
-        return w[:, pw.in_channels - pw.out_channels :]
+        w, _ = FusedDecoderBlock._folded_pw(block)
+        return w[:, block.pw.in_channels - block.pw.out_channels :]
 
     def up_add(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``nearest_upsample_x2(pw_a(x)) + skip`` (``skip`` already projected), one broadcast addition on
