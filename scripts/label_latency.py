@@ -25,7 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ulite_monai.label.testing import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Label server harness
+
+from support.label import (  # noqa: E402
     REPO,
     LabelServer,
     label_env_problem,

@@ -42,11 +42,12 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the DICOM writers that make vendor-like series live with the tests
 
-from ulite_monai.batch.throughput import foreground_probe_checkpoint  # noqa: E402
+from support.dicom_write import sitk_to_dicom_series  # noqa: E402
+from support.phantoms import foreground_probe_checkpoint  # noqa: E402
 from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg  # noqa: E402
 from ulite_monai.io.dicom_series import discover_inputs, load_series_volume  # noqa: E402
-from ulite_monai.io.dicom_write import sitk_to_dicom_series  # noqa: E402
 
 CASES = [  # name, image, label, modality, re-orientation
     ("lung1", "lung1_image.nrrd", "lung1_label.nrrd", "CT", None),

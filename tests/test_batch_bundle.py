@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_fixtures import (
+from support.dicom import (
     REAL_BUNDLE,
     dciodvfy_errors,
     phantom,
@@ -24,8 +24,8 @@ from dicom_fixtures import (
 )
 from test_batch_cli import run_main
 
-from ulite_monai.batch.throughput import foreground_probe_checkpoint
-from ulite_monai.io.dicom_write import write_dicom_series
+from support.phantoms import foreground_probe_checkpoint
+from support.dicom_write import write_dicom_series
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_fixtures import (
+from support.dicom import (
     REPO,
     TESTS,
     dciodvfy_errors,
@@ -36,7 +36,7 @@ from dicom_fixtures import (
 from pydicom.data import get_testdata_file
 
 from ulite_monai.batch.cli import main
-from ulite_monai.io.dicom_write import write_dicom_series
+from support.dicom_write import write_dicom_series
 
 
 def run_main(args, capsys):
@@ -230,7 +230,7 @@ def test_sigkill_mid_batch_then_rerun_completes(tmp_path, capsys):
     for i in range(n):
         write_dicom_series(phantom((12, 20, 20), seed=i), inp / f"s{i}", series_number=i + 1)
     bundle = make_standin_bundle(
-        tmp_path / "bundle", network_def={"_target_": "dicom_fixtures.ThresholdNet", "threshold": 0.0, "delay_s": 0.25}
+        tmp_path / "bundle", network_def={"_target_": "support.dicom.ThresholdNet", "threshold": 0.0, "delay_s": 0.25}
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
@@ -286,7 +286,7 @@ def test_cli_help_and_bad_arguments(tmp_path, capsys):
     rc, _, err = run_main(
         [tmp_path / "in", tmp_path / "out", "--bundle", tmp_path / "nobundle", "--no-progress"], capsys
     )
-    assert rc == 2 and "nobundle" in err and "inference.json" in err
+    assert rc == 2 and "nobundle" in err and "no MONAI bundle" in err
     bad_rules = tmp_path / "rules.json"
     bad_rules.write_text("[]")
     rc, _, err = run_main([tmp_path / "in", tmp_path / "out", "--rules", bad_rules], capsys)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.batch.pipeline import to_volume_order
-from ulite_monai.batch.runner import _Prefetcher
+from ulite_monai.batch.worker import to_volume_order
+from ulite_monai.batch.prefetch import Prefetcher
 
 
 def test_manifest_last_row_wins_and_torn_line_ignored(tmp_path):
@@ -44,7 +44,7 @@ def test_prefetcher_reads_ahead_but_holds_at_most_two_items():
         time.sleep(0.01)
         return i
 
-    f = _Prefetcher(list(range(6)), load, slots=2)
+    f = Prefetcher(list(range(6)), load, slots=2)
     f.start()
     seen = []
     for item in f:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, onnx_export, verify_metadata, verify_net_in_out
 
-from bundle_helpers import BUNDLE, CONFIGS
+from support.bundle import BUNDLE, CONFIGS
 from ulite_monai.data.demo import generate_demo_dataset
 
 META = str(CONFIGS / "metadata.json")

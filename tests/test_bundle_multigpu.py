@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_helpers import CONFIGS, REPO
+from support.bundle import CONFIGS, REPO
 from ulite_monai.data.demo import generate_demo_dataset
 
 

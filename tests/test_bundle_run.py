@@ -16,7 +16,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
 
-from bundle_helpers import CONFIGS, blob_volume, sitk_image, write_dicom_series
+from support.bundle import CONFIGS, blob_volume, sitk_image, write_dicom_series
 from ulite_monai.data.demo import generate_demo_dataset
 from ulite_monai.io import SITKReader
 
@@ -216,7 +216,7 @@ def _write_pair(folder: Path, image: np.ndarray, label: np.ndarray, name="bad", 
 
 
 def test_missing_dataset_folder_is_named(tmp_path):
-    from ulite_monai.bundle_utils import load_datalist
+    from ulite_monai.data import load_datalist
 
     with pytest.raises(FileNotFoundError, match="no_such_data"):
         load_datalist(tmp_path / "no_such_data", "training", demo=None)
@@ -244,7 +244,7 @@ def test_bad_data_errors_name_the_file(tmp_path):
     assert "corrupt.nii.gz" in _chain(e.value)
     # a datalist entry that does not exist
     (tmp_path / "datalist.json").write_text('{"training": [{"image": "imagesTr/gone.nii.gz", "label": "x.nii.gz"}]}')
-    from ulite_monai.bundle_utils import load_datalist
+    from ulite_monai.data import load_datalist
 
     with pytest.raises(FileNotFoundError, match="gone.nii.gz"):
         load_datalist(tmp_path, "training")

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ulite_monai.bundle_utils import list_inputs, load_datalist
+from ulite_monai.data import list_inputs, load_datalist
 from ulite_monai.data.demo import ensure_demo_dataset, generate_demo_dataset, make_demo_case
 from ulite_monai.data.isic import generate_isic_demo, isic_pairs, isic_split
 
@@ -93,7 +93,7 @@ def test_isic_folder_helpers(tmp_path):
 
 
 def test_list_inputs_file_folder_dicom(tmp_path):
-    from bundle_helpers import blob_volume, sitk_image, write_dicom_series
+    from support.bundle import blob_volume, sitk_image, write_dicom_series
 
     series = write_dicom_series(sitk_image(blob_volume(shape=(3, 6, 6))), tmp_path / "study" / "s1")
     write_dicom_series(sitk_image(blob_volume(shape=(3, 6, 6))), tmp_path / "study" / "s2")

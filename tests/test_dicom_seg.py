@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import dciodvfy_errors, phantom, require_dciodvfy, rotation, seg_frames_by_source
+from support.dicom import dciodvfy_errors, phantom, require_dciodvfy, rotation, seg_frames_by_source
 
 from ulite_monai.io.dicom_seg import segments_from_channel_def, write_dicom_seg
 from ulite_monai.io.dicom_series import discover_inputs, load_series_volume
-from ulite_monai.io.dicom_write import write_dicom_series
+from support.dicom_write import write_dicom_series
 
 
 def test_segments_from_channel_def_codes():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dicom_fixtures import REPO
+from support.dicom import REPO
 from pydicom.dataset import Dataset
 
 from ulite_monai.io.dicom_series import DicomFrame, DicomSeries

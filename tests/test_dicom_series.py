@@ -10,12 +10,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_fixtures import phantom, rotation
+from support.dicom import phantom, rotation
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from ulite_monai.io.dicom_series import SeriesRejectedError, discover_inputs, load_series_volume, sanitize_name
-from ulite_monai.io.dicom_write import write_dicom_series
+from support.dicom_write import write_dicom_series
 
 
 def _reference_image(vol, origin, spacing, direction):

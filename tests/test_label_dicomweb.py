@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ulite_monai.label.testing import (
+from support.label import (
     REPO,
     LabelServer,
     Orthanc,

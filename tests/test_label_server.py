@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ulite_monai.label.testing import (
+from support.label import (
     REPO,
     LabelServer,
     ci_requires,
@@ -140,18 +140,12 @@ def test_infer_returns_label_aligned_with_input(server, tmp_path):
     # voxel for voxel what the bundle's own pipeline gives in-process (no flip/transpose in the server path)
     ref = tmp_path / "ref.npy"
     run_label_python(
-        "import sys, numpy as np, torch\n"
-        "from ulite_monai.label.lib.bundle import BundleSource\n"
-        "from ulite_monai.label.lib.checkpoint import load_state_dict\n"
-        "b = BundleSource(sys.argv[1], sys.argv[2]); p = b.parser('inference')\n"
-        "net = p.get_parsed_content('network_def'); net.load_state_dict(load_state_dict(sys.argv[4])); net.eval()\n"
-        "d = p.get_parsed_content('preprocessing')({'image': sys.argv[3]})\n"
-        "with torch.no_grad(): d['pred'] = p.get_parsed_content('inferer')(d['image'][None], net)[0]\n"
-        "post = [t for t in p.get_parsed_content('postprocessing').transforms if type(t).__name__ != 'SaveImaged']\n"
-        "for t in post: d = t(d)\n"
-        "np.save(sys.argv[5], np.asarray(d['pred']).squeeze(0))\n",
+        "import sys, numpy as np\n"
+        "from ulite_monai.bundle import Bundle\n"
+        "pipe = Bundle(sys.argv[1], sys.argv[2]).pipeline(checkpoint=sys.argv[4], device='cpu', output_dir=sys.argv[6])\n"
+        "np.save(sys.argv[5], np.asarray(pipe(sys.argv[3])['pred']).squeeze(0))\n",
         str(BUNDLE), str(server.override), str(server.studies_dir / "vol_1.nii.gz"),
-        str(server.model_dir / "ulite.pt"), str(ref),
+        str(server.model_dir / "ulite.pt"), str(ref), str(tmp_path / "bundle_out"),
     )
     expected = np.load(ref)
     got = np.asarray(lab.dataobj)

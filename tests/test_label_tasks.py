@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ulite_monai.label.testing import (
+from support.label import (
     REPO,
     ci_requires,
     label_env_problem,
@@ -23,14 +23,14 @@ BUNDLE = REPO / "bundles" / "ulite"
 SNIPPET = r"""
 import json, os, sys, torch
 from monailabel.interfaces.exception import MONAILabelException
-from ulite_monai.label.lib.bundle import BundleSource
+from ulite_monai.bundle import Bundle
 from ulite_monai.label.lib.infers import ULiteInfer
 
 bundle, override2d, image2d, image3d, models = sys.argv[1:6]
 out = {}
 
 # 2D by config: the same bundle with spatial_dims 2 serves 2D images
-b2 = BundleSource(bundle, override2d)
+b2 = Bundle(bundle, override2d)
 os.makedirs(f"{models}/2d", exist_ok=True)
 torch.manual_seed(0)
 torch.save(b2.parser("inference").get_parsed_content("network_def").state_dict(), f"{models}/2d/ulite.pt")
@@ -47,7 +47,7 @@ def error_of(task, image):
     return None
 
 # no checkpoint anywhere: a clear error, not random weights
-b3 = BundleSource(bundle)
+b3 = Bundle(bundle)
 out["no_checkpoint"] = error_of(ULiteInfer(b3, f"{models}/empty"), image3d)
 # a checkpoint of another network: says so
 os.makedirs(f"{models}/other", exist_ok=True)
@@ -80,7 +80,7 @@ def test_infer_task_2d_by_config_and_weight_errors(tmp_path):
 
 TRAIN_SNIPPET = r"""
 import json, sys
-from ulite_monai.label.lib.bundle import BundleSource
+from ulite_monai.bundle import Bundle
 from ulite_monai.label.lib.trainers import ULiteTrain
 
 bundle, override, model_dir, records = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
@@ -89,7 +89,7 @@ class Store:  # the one datastore call the train task makes
     def datalist(self):
         return records
 
-task = ULiteTrain(BundleSource(bundle, override), model_dir)
+task = ULiteTrain(Bundle(bundle, override), model_dir)
 print(json.dumps(task({"max_epochs": 1, "val_split": 0, "pretrained": False, "device": "cpu"}, Store())))
 """
 

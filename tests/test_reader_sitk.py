@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from monai.transforms import LoadImage
 
-from bundle_helpers import blob_volume, sitk_image, write_dicom_series
+from support.bundle import blob_volume, sitk_image, write_dicom_series
 from ulite_monai.io import SITKReader
 
 

@@ -25,9 +25,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; return ``{"val_dice", "train_seconds", "model", "input", "output"}``."""
-    from monai.bundle import ConfigWorkflow
-
-    from ulite_monai.bundle_utils import default_bundle_root, load_datalist
+    from ulite_monai.bundle import Bundle, load_datalist
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle_root", default=None, help="bundle folder (default: found from the current directory)")
@@ -35,17 +33,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip_training", action="store_true", help="reuse models/model.pt")
     args = ap.parse_args(argv)
 
-    root = Path(args.bundle_root or default_bundle_root())
-    configs = root / "configs"
-    common = {"meta_file": str(configs / "metadata.json"), "logging_file": str(configs / "logging.conf")}
-    overrides = {"bundle_root": str(root)}
+    bundle = Bundle(args.bundle_root)
     result: dict = {"val_dice": None, "train_seconds": None}
     if not args.skip_training:
-        train_over = dict(overrides)
+        budget = {}
         if args.max_epochs:
-            train_over["max_epochs"] = args.max_epochs
-            train_over["val_interval"] = min(args.max_epochs, 5)  # validate at least once
-        wf = ConfigWorkflow(config_file=str(configs / "train.json"), workflow_type="train", **common, **train_over)
+            budget = {"max_epochs": args.max_epochs, "val_interval": min(args.max_epochs, 5)}  # validate at least once
+        wf = bundle.workflow("train", "train", **budget)
         wf.initialize()
         t0 = time.perf_counter()
         wf.run()
@@ -54,15 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["val_dice"] = None if evaluator.state.best_metric_epoch < 0 else float(evaluator.state.best_metric)
         result["best_epoch"] = int(evaluator.state.best_metric_epoch)
         wf.finalize()
-    model = root / "models" / "model.pt"
-    result["model"] = str(model)
+    result["model"] = str(bundle.root / "models" / "model.pt")
 
-    wf = ConfigWorkflow(config_file=str(configs / "inference.json"), workflow_type="infer", **common, **overrides)
-    dataset_dir = wf.parser.get_parsed_content("dataset_dir")
-    demo_input = load_datalist(dataset_dir, "testing", demo="3d")[0]["image"]
-    wf = ConfigWorkflow(
-        config_file=str(configs / "inference.json"), workflow_type="infer", **common, **overrides, input=demo_input
-    )
+    parser = bundle.parser("inference")
+    dataset_dir, demo = parser.get_parsed_content("dataset_dir"), parser.get_parsed_content("demo_data")
+    demo_input = load_datalist(dataset_dir, "testing", demo=demo)[0]["image"]
+    wf = bundle.workflow("inference", "infer", input=demo_input)
     wf.initialize()
     wf.run()
     wf.finalize()

@@ -10,7 +10,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -43,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         default=None,
-        help="inference config file(s), merged in order (default: <bundle>/configs/inference.json); "
-        "repeat to merge overrides, e.g. --config <bundle>/configs/inference.json --config configs/<override>.json",
+        help="override config file merged onto the bundle's configs/inference.json (repeat to merge several, "
+        "in order), e.g. --config configs/<override>.json",
     )
     p.add_argument(
         "--rules",
@@ -66,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo series already done with this model version")
     p.add_argument("--formats", default="seg,nifti", help="comma-separated outputs: seg, nifti (default: seg,nifti)")
     p.add_argument("--no-prefetch", action="store_true", help="read each series only when the previous one is finished")
-    p.add_argument("--no-fuse", action="store_true", help="run the network as defined (no BatchNorm folding)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="run the network as defined (no BatchNorm folding); default: the config's use_fused")
+    p.add_argument("--no-amp", action="store_true",
+                   help="no mixed precision on CUDA; default: the config's amp (on where CUDA is available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--max-gap-ratio", type=float, default=3.0, help="largest/smallest slice gap still resampled (default 3)"
@@ -103,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.input.exists():
         print(f"ulite-dicom: input {args.input} does not exist", file=sys.stderr)
         return 2
-    bundle = args.bundle or Path(_default("bundles/ulite"))
     rules = None
     if args.rules != "all":
         rules_path = Path(args.rules) if args.rules else Path(_default("configs/series_selection.json"))
@@ -112,16 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"ulite-dicom: {e}", file=sys.stderr)
             return 2
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"ulite-dicom: --set expects ID=JSON, got {item!r}", file=sys.stderr)
-            return 2
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    from ulite_monai.bundle import parse_overrides
+
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as e:
+        print(f"ulite-dicom: --set: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -129,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = BatchOptions(
         input_dir=args.input,
         output_dir=args.output,
-        bundle_dir=bundle,
+        bundle_dir=args.bundle,
         config_files=args.config,
         rules=rules,
         all_matched=False if args.first_match else None,
@@ -140,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         formats=[f for f in args.formats.split(",") if f.strip()],
         progress=not args.no_progress,
         prefetch=not args.no_prefetch,
-        fuse=not args.no_fuse,
+        fuse=False if args.no_fuse else None,
+        amp=False if args.no_amp else None,
         max_gap_ratio=args.max_gap_ratio,
         overrides=overrides,
     )

@@ -155,10 +155,6 @@ def _atomic_save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     save_atomically(lambda tmp: nib.save(nii, tmp), path)
 
 
-def _atomic_write_json(obj, path: Path) -> None:
-    save_json_atomically(obj, path)
-
-
 def generate_demo_dataset(
     dataset_dir: str | os.PathLike,
     num_train: int = 16,
@@ -202,7 +198,7 @@ def generate_demo_dataset(
         "testing": tests,
     }
     out = root / _DATALIST
-    _atomic_write_json(datalist, out)  # written last: its presence means the set is complete
+    save_json_atomically(datalist, out)  # written last: its presence means the set is complete
     return out
 
 

@@ -31,7 +31,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import strtobool
 
-from ulite_monai.label.lib.bundle import BundleSource
+from ulite_monai.bundle import Bundle
 from ulite_monai.label.lib.infers import ULiteInfer
 from ulite_monai.label.lib.trainers import ULiteTrain
 
@@ -42,10 +42,10 @@ MODEL_NAME = "ulite"
 
 class ULiteApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
-        self.bundle = BundleSource(conf.get("bundle") or None, conf.get("configs") or None)
+        self.bundle = Bundle(conf.get("bundle") or None, conf.get("configs") or None)
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         os.makedirs(self.model_dir, exist_ok=True)
-        logger.info(f"U-Lite bundle: {self.bundle.bundle_dir}; overrides: {self.bundle.overrides}; "
+        logger.info(f"U-Lite bundle: {self.bundle.root}; override files: {self.bundle.files}; "
                     f"trained checkpoints: {self.model_dir}")
         super().__init__(
             app_dir=app_dir,
@@ -53,7 +53,7 @@ class ULiteApp(MONAILabelApp):
             conf=conf,
             name=f"U-Lite ({monailabel.__version__})",
             description="U-Lite lightweight axial depthwise U-Net, served from the ulite MONAI bundle",
-            version=self.bundle.version or "0",
+            version=self.bundle.version,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -67,8 +67,13 @@ class ULiteApp(MONAILabelApp):
         return {MODEL_NAME: infer}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        bundle_model = os.path.join(self.bundle.bundle_dir, "models", "model.pt")
-        return {MODEL_NAME: ULiteTrain(self.bundle, self.model_dir, name=MODEL_NAME, pretrained_paths=[bundle_model])}
+        parser = self.bundle.parser("inference")
+        bundle_model = parser.get_parsed_content("ckpt_path") if "ckpt_path" in parser else None
+        return {
+            MODEL_NAME: ULiteTrain(
+                self.bundle, self.model_dir, name=MODEL_NAME, pretrained_paths=[bundle_model] if bundle_model else []
+            )
+        }
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}

@@ -27,10 +27,9 @@ def demo_studies(dest: Path, bundle_dir: str | None = None, configs: str | None 
 
     Files are symlinked, nothing is copied; the bundle's own loader generates the demo data on first use.
     """
-    from ulite_monai.bundle_utils import load_datalist
-    from ulite_monai.label.lib.bundle import BundleSource
+    from ulite_monai.bundle import Bundle, load_datalist
 
-    parser = BundleSource(bundle_dir, configs).parser("train")
+    parser = Bundle(bundle_dir, configs).parser("train")
     dataset_dir, demo = parser.get_parsed_content("dataset_dir"), parser.get_parsed_content("demo_data")
     datalist = {split: load_datalist(dataset_dir, split, demo=demo) for split in ("training", "validation", "testing")}
     (dest / "labels" / "final").mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.pre import LoadImageTensord
 
-from ulite_monai.networks import inference_network
-
-from .bundle import BundleSource
-from .checkpoint import read_checkpoint
+from ulite_monai.bundle import Bundle, CheckpointError, load_network, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +29,7 @@ class ULiteInfer(BasicInferTask):
     Args:
         bundle: the bundle (and config overrides) to serve.
         model_dir: where the app's train task publishes ``<name>.pt``; that checkpoint, when present, wins over
-            the bundle's own ``models/model.pt``.
+            the bundle's own (the config's ``ckpt_path``, ``models/model.pt``).
         name: model name in MONAI Label (``ulite``), also the checkpoint file name.
         fuse: run the fused (BatchNorm-folded) network; ``None`` follows the config's ``use_fused`` (default on).
         preload: load the network when the app starts rather than on the first request.
@@ -40,7 +37,7 @@ class ULiteInfer(BasicInferTask):
 
     def __init__(
         self,
-        bundle: BundleSource,
+        bundle: Bundle,
         model_dir: str,
         name: str = "ulite",
         fuse: bool | None = None,
@@ -54,21 +51,21 @@ class ULiteInfer(BasicInferTask):
         self.fuse = fuse
         self._lock = threading.Lock()
         self._local = threading.local()
+        info = bundle.info(self.parser)
+        if not info.labels:
+            raise ValueError(f"{bundle.meta_file}: network_data_format.outputs has no foreground channel_def.")
         network = self.parser.get_parsed_content("network_def", instantiate=True)
-        spatial_dims = bundle.spatial_dims(self.parser)
-        paths = [
-            os.path.join(bundle.bundle_dir, "models", "model.pt"),
-            os.path.join(model_dir, f"{name}.pt"),
-        ]
+        bundle_ckpt = self.parser.get_parsed_content("ckpt_path") if "ckpt_path" in self.parser else None
+        paths = [p for p in (bundle_ckpt, os.path.join(model_dir, f"{name}.pt")) if p]
         super().__init__(
             path=paths,
             network=network,
             type=InferType.SEGMENTATION,
-            labels=bundle.labels,
-            dimension=spatial_dims,
-            description=f"U-Lite {spatial_dims}D segmentation ({bundle.description})",
-            input_key=bundle.image_key,
-            output_label_key=bundle.pred_key,
+            labels=info.labels,
+            dimension=info.spatial_dims,
+            description=f"U-Lite {info.spatial_dims}D segmentation ({info.description or info.name})",
+            input_key=info.image_key,
+            output_label_key=info.pred_key,
             load_strict=True,
             preload=preload and any(os.path.isfile(p) for p in paths),  # nothing to preload before training
             **kwargs,
@@ -123,36 +120,32 @@ class ULiteInfer(BasicInferTask):
         if not path:
             raise MONAILabelException(
                 MONAILabelError.INFERENCE_ERROR,
-                f"No checkpoint for U-Lite: neither {self.path[0]} nor {self.path[-1]} exists. "
+                f"No checkpoint for U-Lite: {' nor '.join(self.path)} exists. "
                 "Train the model first (POST /train/ulite, or the Train button of your client) or train the bundle "
-                "(make demo) so that bundles/ulite/models/model.pt exists.",
+                "(make demo) so that its models/model.pt exists.",
             )
         mtime = os.stat(path).st_mtime_ns
         with self._lock:
             cached = self._networks.get(device)
             if cached and cached[1] == (path, mtime):
                 return cached[0]
-            network, digest = self._build(path)
-            network = network.to(torch.device(device))
+            network, digest = self._build(path, torch.device(device))
             self._networks[device] = (network, (path, mtime), digest)
             logger.info(f"U-Lite weights loaded from {path} on {device}")
             return network
 
-    def _build(self, path: str) -> tuple[torch.nn.Module, str]:
-        """The configured network with the checkpoint's weights (fused if asked) and the checkpoint's digest."""
+    def _build(self, path: str, device: torch.device) -> tuple[torch.nn.Module, str]:
+        """The configured network with the checkpoint's weights (fused if asked) on ``device``, and the
+        checkpoint's digest."""
         network = self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
         try:
-            state, digest = read_checkpoint(path)
-            network.load_state_dict(state, strict=True)
-        except ValueError as e:  # not loadable weights-only, or no state dict inside
-            raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, str(e)) from e
-        except RuntimeError as e:
+            weights_id = load_weights(network, path)
+        except CheckpointError as e:  # not loadable weights-only, no state dict inside, or another network's
             raise MONAILabelException(
                 MONAILabelError.INFERENCE_ERROR,
-                f"Checkpoint {path} does not fit the bundle's network_def ({e}). "
-                "Was it trained with other config overrides (2D/3D, channels, labels)?",
+                f"{e} Was it trained with other config overrides (2D/3D, channels, labels)?",
             ) from e
-        return inference_network(network.eval(), fuse=self.fuse), digest
+        return load_network(network, None, device, fuse=self.fuse), weights_id.removeprefix("sha256:")
 
     def writer(self, data: dict, extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
         result_file, result_json = super().writer(data, extension=extension, dtype=dtype)

@@ -11,36 +11,25 @@ import time
 from typing import Any
 
 import torch
-from monai.bundle import ConfigWorkflow
 from monai.data import partition_dataset
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
+from ulite_monai.bundle import Bundle, CheckpointError, load_weights, read_checkpoint
 from ulite_monai.utils import save_atomically, save_json_atomically
-
-from .bundle import BundleSource
-from .checkpoint import load_state_dict
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ULiteTrain"]
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    save_atomically(lambda tmp: torch.save(obj, tmp), path)
-
-
-def _atomic_json(obj: Any, path: str) -> None:
-    save_json_atomically(obj, path)
-
-
 class ULiteTrain(TrainTask):
     """Fine-tune (or train from scratch) U-Lite on the labelled images of the datastore.
 
     The bundle's ``train.json`` (with the app's config overrides) runs unchanged as a MONAI
-    :class:`ConfigWorkflow`; this task only swaps in the datalist from the datastore, the epoch budget, the
+    ``ConfigWorkflow`` (:meth:`ulite_monai.bundle.Bundle.workflow`); this task only swaps in the datalist from the datastore, the epoch budget, the
     device and an output folder under ``model_dir``. The best checkpoint (or, without validation data, the last
     weights) is published atomically as ``model_dir/<name>.pt``, which the infer task picks up on its next request.
 
@@ -51,8 +40,8 @@ class ULiteTrain(TrainTask):
         pretrained_paths: checkpoints to start from, the last existing one wins (``pretrained`` option).
     """
 
-    def __init__(self, bundle: BundleSource, model_dir: str, name: str = "ulite", pretrained_paths=()):
-        super().__init__(f"Train U-Lite with the bundle's train.json ({bundle.description})")
+    def __init__(self, bundle: Bundle, model_dir: str, name: str = "ulite", pretrained_paths=()):
+        super().__init__(f"Train U-Lite with the bundle's train.json ({bundle.metadata.get('description', '')})")
         self.bundle = bundle
         self.model_dir = model_dir
         self.name = name
@@ -126,12 +115,7 @@ class ULiteTrain(TrainTask):
             "device": f"$torch.device('{device}')",
             "progress_bar": False,  # tqdm bars would flood the task log MONAI Label keeps
         }
-        workflow = ConfigWorkflow(
-            config_file=self.bundle.config_files("train"),
-            meta_file=self.bundle.meta_file,
-            workflow_type="train",
-            bundle_root=str(self.bundle.bundle_dir),
-        )
+        workflow = self.bundle.workflow("train", "train")
         parser = workflow.parser
         # the datastore's labelled images replace the bundle's dataset (its own ids if it has them)
         overrides["train_datalist" if "train_datalist" in parser else "train#dataset#data"] = train_ds
@@ -158,8 +142,8 @@ class ULiteTrain(TrainTask):
         start = self._start_weights(request)
         if start:
             try:
-                network.load_state_dict(load_state_dict(start), strict=True)
-            except RuntimeError as e:
+                load_weights(network, start)
+            except CheckpointError as e:
                 raise ValueError(
                     f"Cannot start from {start}: it does not fit the configured network ({str(e)[:300]}...). "
                     'Train from scratch with {"pretrained": false}, or remove that checkpoint.'
@@ -169,8 +153,8 @@ class ULiteTrain(TrainTask):
         trainer = workflow.parser.get_parsed_content("train#trainer")
         best = os.path.join(overrides["ckpt_dir"], "model.pt")  # the bundle's CheckpointSaver: best val metric
         best = best if val_ds and os.path.isfile(best) else None
-        state = load_state_dict(best) if best else {k: v.detach().cpu() for k, v in network.state_dict().items()}
-        _atomic_save(state, self.published_path)
+        state = read_checkpoint(best)[0] if best else {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        save_atomically(lambda tmp: torch.save(state, tmp), self.published_path)
         workflow.finalize()
 
         evaluator = workflow.parser.get_parsed_content("validate#evaluator") if val_ds else None
@@ -187,7 +171,7 @@ class ULiteTrain(TrainTask):
             "total_time_s": round(time.time() - t0, 2),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _atomic_json(stats, self.stats_path)
+        save_json_atomically(stats, self.stats_path)
         logger.info(f"Train {self.name} finished: {stats}")
         return stats
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "ulite"
 CONFIGS = BUNDLE / "configs"
 

@@ -170,9 +170,9 @@ def run_label_python(code: str, *args: str, timeout: float = 300) -> str:
 
 _CHECKPOINT_SNIPPET = r"""
 import sys, torch
-from ulite_monai.label.lib.bundle import BundleSource
+from ulite_monai.bundle import Bundle
 bundle_dir, configs, out, calib = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
-parser = BundleSource(bundle_dir, configs).parser("inference")
+parser = Bundle(bundle_dir, configs).parser("inference")
 torch.manual_seed(0)
 net = parser.get_parsed_content("network_def").eval()
 if calib:

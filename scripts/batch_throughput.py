@@ -3,7 +3,7 @@
 
 Example::
 
-    python -m ulite_monai.batch.throughput --series 20 --shape 48 256 256 --device cpu --compare-no-prefetch
+    python scripts/batch_throughput.py --series 20 --shape 48 256 256 --device cpu --compare-no-prefetch
 
 Writes the series into ``--workdir`` (default: a temporary folder), runs the batch with the
 bundle's inference pipeline (random weights unless ``--checkpoint``), and prints one JSON
@@ -15,50 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ulite_monai.io.dicom_write import write_dicom_series
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic series writers live with the tests
 
-
-def body_phantom(shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """A CT-like volume [z, y, x] in HU: air, an elliptic body (soft tissue), a few dense blobs, noise."""
-    rng = np.random.default_rng(seed)
-    nz, ny, nx = shape
-    z, y, x = np.ogrid[:nz, :ny, :nx]
-    body = ((y - ny / 2) / (0.42 * ny)) ** 2 + ((x - nx / 2) / (0.47 * nx)) ** 2 < 1
-    vol = np.broadcast_to(np.where(body, 40, -1000), shape).astype(np.float32)
-    for _ in range(4):
-        c = rng.uniform([0.2 * nz, 0.3 * ny, 0.3 * nx], [0.8 * nz, 0.7 * ny, 0.7 * nx])
-        r = rng.uniform(0.05, 0.12) * nx
-        blob = ((z - c[0]) * 2.0) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < r**2
-        vol[blob] = rng.uniform(60, 250)
-    vol += rng.normal(0, 15, shape).astype(np.float32)
-    return np.clip(np.round(vol), -1024, 3000).astype(np.int16)
-
-
-def foreground_probe_checkpoint(bundle: Path, path: Path) -> Path:
-    """Weights for the bundle's ``network_def`` whose output bias says "foreground" everywhere.
-
-    Through the bundle pipeline this labels the CropForegroundd box of each input: a geometry
-    and output-path probe (SEG frames get written), not a segmentation model.
-    """
-    import torch
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle) / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    net = parser.get_parsed_content("network_def")
-    state = net.state_dict()
-    n_out = int(parser["out_channels"])
-    key = [k for k, v in state.items() if k.endswith("bias") and tuple(v.shape) == (n_out,)][-1]
-    state[key] = torch.tensor([-30.0] + [30.0] * (n_out - 1))
-    torch.save(state, path)
-    return Path(path)
+from support.dicom_write import write_dicom_series  # noqa: E402
+from support.phantoms import body_phantom, foreground_probe_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--series", type=int, default=20)
     p.add_argument("--shape", type=int, nargs=3, default=(48, 256, 256), metavar=("Z", "Y", "X"))
     p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("X", "Y", "Z"))
-    p.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parents[2] / "bundles" / "ulite")
+    p.add_argument("--bundle", type=Path, default=REPO / "bundles" / "ulite")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument(
         "--probe",
@@ -83,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from ulite_monai.batch.runner import BatchOptions, run_batch
+    from ulite_monai.bundle import parse_overrides
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,10 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = args.checkpoint
     if checkpoint is None and args.probe:
         checkpoint = foreground_probe_checkpoint(args.bundle, work / "probe.pt")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+    overrides = parse_overrides(args.set)
     runs = {}
     for name, prefetch in [("prefetch", True)] + ([("no_prefetch", False)] if args.compare_no_prefetch else []):
         out = work / f"out_{name}"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 REAL_BUNDLE = REPO / "bundles" / "ulite"
 
 
@@ -62,7 +62,7 @@ def standin_inference_config(network_def: dict | None = None, roi=(16, 16, 16)) 
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cpu')",
-        "network_def": network_def or {"_target_": "dicom_fixtures.ThresholdNet", "threshold": 0.0},
+        "network_def": network_def or {"_target_": "support.dicom.ThresholdNet", "threshold": 0.0},
         "network": "$@network_def.to(@device)",
         "preprocessing": {
             "_target_": "Compose",

@@ -1,0 +1,139 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""Planning a batch: discover the inputs, select series, name outputs, decide what a rerun redoes.
+
+Output names come from sanitised UIDs (DICOM) or the input's relative path (volume files), never from tag
+text. The plan also yields a ``skipped`` manifest row for every file or series not taken, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ulite_monai.batch.manifest import Manifest
+from ulite_monai.io.dicom_series import DicomSeries, discover_inputs, sanitize_name
+from ulite_monai.io.series_selection import SeriesSelector
+
+__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "VOLUME_SUFFIXES"]
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass
+class WorkItem:
+    """One series (or volume file) to segment.
+
+    Attributes:
+        key: manifest key (``<study>/<series>`` key of the series, or ``file:<relative path>``).
+        kind: ``"dicom"`` or ``"file"``.
+        out_stem: output path relative to the output folder, without extension.
+        series: the DICOM series (``kind == "dicom"``).
+        path: the volume file (``kind == "file"``).
+        selection: the selection rule that took it.
+    """
+
+    key: str
+    kind: str
+    out_stem: str
+    series: DicomSeries | None = None
+    path: str | None = None
+    selection: str = ""
+
+
+@dataclass
+class Plan:
+    """What a batch run does: ``todo`` in order, ``skipped`` rows to record, ``already_done`` count."""
+
+    todo: list[WorkItem] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    already_done: int = 0
+    discovery_s: float = 0.0
+
+
+def item_row(item: WorkItem) -> dict[str, Any]:
+    """The manifest fields that describe ``item`` (what it is and where it came from)."""
+    s = item.series
+    row: dict[str, Any] = {"key": item.key, "kind": item.kind}
+    if s is not None:
+        row.update(
+            study_uid=s.study_uid,
+            series_uid=s.series_uid,
+            modality=s.modality,
+            series_description=s.description[:64],
+            input=os.path.dirname(s.files[0]) if s.files else "",
+            slices=s.num_slices,
+        )
+    else:
+        row.update(input=item.path)
+    row["selection"] = item.selection
+    return row
+
+
+def _volume_stem(rel: str) -> str:
+    base = rel
+    for suf in VOLUME_SUFFIXES:
+        if base.lower().endswith(suf):
+            base = base[: -len(suf)]
+            break
+    return "volumes/" + "/".join(sanitize_name(part) for part in Path(base).parts)
+
+
+def plan_batch(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    manifest: Manifest,
+    model_version: str,
+    rules: dict | None = None,
+    all_matched: bool | None = None,
+    overwrite: bool = False,
+) -> Plan:
+    """Discover inputs under ``input_dir``, select series by ``rules``, and drop what is already finished.
+
+    Args:
+        input_dir: a folder tree of DICOM files and volume files, or one file.
+        output_dir: the batch output folder (finished outputs are looked up there).
+        manifest: the output folder's manifest (earlier runs).
+        model_version: the pipeline's model version; a series finished with another one is redone.
+        rules: MONAI Deploy selection rules (parsed); ``None`` takes every image series.
+        all_matched: per study and selection, keep every matching series (``False``: the first only).
+        overwrite: redo finished series too.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    plan = Plan()
+    found = discover_inputs(input_dir)
+    selected, not_selected = SeriesSelector(rules, all_matched=all_matched).select(found.series)
+    in_root = Path(input_dir)
+    for sk in found.skipped:
+        rel = os.path.relpath(sk.path, in_root) if in_root.is_dir() else sk.path
+        plan.skipped.append({
+            "key": sk.key if sk.series_uid else f"file:{rel}",
+            "kind": "dicom" if sk.series_uid else "file",
+            "study_uid": sk.study_uid,
+            "series_uid": sk.series_uid,
+            "input": rel,
+            "status": "skipped",
+            "reason": sk.reason,
+        })
+    for s in found.series:
+        if s.series_uid in not_selected:
+            row = item_row(WorkItem(s.key, "dicom", "", series=s))
+            plan.skipped.append({**row, "status": "skipped", "reason": not_selected[s.series_uid]})
+    items = [
+        WorkItem(sel.series.key, "dicom", f"{sanitize_name(sel.series.study_uid)}/{sanitize_name(sel.series.series_uid)}",
+                 series=sel.series, selection=sel.selection_name)
+        for sel in selected
+    ]
+    for p in found.volume_files:
+        rel = os.path.relpath(p, in_root) if in_root.is_dir() else os.path.basename(p)
+        items.append(WorkItem(f"file:{rel}", "file", _volume_stem(rel), path=p, selection="volume file"))
+    for it in items:
+        if not overwrite and manifest.is_finished(it.key, model_version, Path(output_dir)):
+            plan.already_done += 1
+        else:
+            plan.todo.append(it)
+    plan.discovery_s = time.perf_counter() - t0
+    return plan

@@ -1,0 +1,85 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""Helpers the bundle's JSON configs call (``$ulite_monai.bundle.<name>(...)``): the network with its weights,
+an atomic NIfTI writer, and the lines that report a finished training or evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+from monai.data import NibabelWriter
+
+from ulite_monai.bundle.weights import load_weights
+from ulite_monai.utils import save_atomically
+
+__all__ = ["load_network", "AtomicNibabelWriter", "report_training", "report_evaluation"]
+
+
+def load_network(
+    network_def: torch.nn.Module,
+    ckpt_path: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+    fuse: bool = True,
+) -> torch.nn.Module:
+    """``network_def`` with the checkpoint's weights, in eval mode on ``device``, fused when asked.
+
+    Args:
+        network_def: the instantiated network (``@network_def``).
+        ckpt_path: a checkpoint in any layout :func:`~ulite_monai.bundle.read_checkpoint` reads; ``None``/empty
+            keeps the network's current weights.
+        device: where the network runs.
+        fuse: use :func:`ulite_monai.networks.inference_network` (BatchNorm folded, axial blocks merged) for a
+            ULite; other networks run as they are, in eval mode.
+    """
+    if ckpt_path:
+        load_weights(network_def, ckpt_path)
+    from ulite_monai.networks import inference_network
+
+    return inference_network(network_def.to(device).eval(), fuse=fuse).to(device)
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """``monai.data.NibabelWriter`` that writes to a temporary file in the target folder, then renames it.
+
+    Use with ``SaveImaged(writer=...)``: an interrupted run never leaves a half-written output.
+    """
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs):  # type: ignore[override]
+        target = Path(filename)
+        save_atomically(lambda tmp: NibabelWriter.write(self, tmp, verbose=False, **obj_kwargs), target)
+        if verbose:
+            print(f"file written: {target}.", flush=True)
+
+
+def report_training(trainer, evaluator, ckpt_dir: str | os.PathLike) -> dict:
+    """Print (one JSON line) and return the best validation metric, its epoch and the best model's path."""
+    best = getattr(evaluator.state, "best_metric", None)
+    epoch = getattr(evaluator.state, "best_metric_epoch", None)
+    model = Path(ckpt_dir) / "model.pt"
+    info = {
+        "best_val_metric": None if best is None or best == -1 else float(best),
+        "best_val_epoch": epoch,
+        "epochs": trainer.state.epoch,
+        "model": str(model) if model.exists() else None,
+    }
+    print(f"ulite training done: {json.dumps(info)}", flush=True)
+    return info
+
+
+def report_evaluation(output_dir: str | os.PathLike) -> dict:
+    """Print (one JSON line) and return the metrics ``MetricsSaver`` wrote (``metrics.csv``) and the CSV paths."""
+    out = Path(output_dir)
+    metrics = {}
+    if (out / "metrics.csv").is_file():
+        with open(out / "metrics.csv") as f:
+            metrics = {row[0]: float(row[1]) for row in csv.reader(f) if len(row) >= 2}
+    info = {
+        "metrics": metrics,
+        "per_case": sorted(str(p) for p in out.glob("*_raw.csv")),
+        "summaries": sorted(str(p) for p in out.glob("*_summary.csv")),
+    }
+    print(f"ulite evaluation done: {json.dumps(info)}", flush=True)
+    return info
