@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -390,7 +390,6 @@ def _plan_geometry(
         raise SeriesRejectedError(f"{name}: " + "; ".join(series.problems[:3]))
     if len(frames) < 2:
         raise SeriesRejectedError(f"{name}: {len(frames)} image plane(s); a volume needs at least 2")
-    rows = {int(series.header.get("Rows", 0))}
     iop0 = frames[0].orientation
     if any(np.max(np.abs(f.orientation - iop0)) > _ORIENT_TOL for f in frames):
         n_groups = len({tuple(np.round(f.orientation, 3)) for f in frames})
@@ -401,7 +400,6 @@ def _plan_geometry(
     ps0 = frames[0].pixel_spacing
     if any(max(abs(a - b) for a, b in zip(f.pixel_spacing, ps0)) > 1e-4 for f in frames):
         raise SeriesRejectedError(f"{name}: PixelSpacing differs between planes; not a single volume")
-    del rows
     direction = _orthonormal_direction(iop0)
     normal = direction[:, 2]
     offsets = np.array([float(np.dot(f.position, normal)) for f in frames])
@@ -524,8 +522,3 @@ def load_series_volume(series: DicomSeries, max_gap_ratio: float = 3.0) -> Serie
         datasets=datasets,
         notes=series.notes[:3] + notes,
     )
-
-
-def iter_series_summary(series: Iterable[DicomSeries]) -> list[str]:
-    """One line per series (for logs)."""
-    return [f"{s.study_uid} / {s.series_uid}: {s.modality} {s.num_slices} planes '{s.description}'" for s in series]

@@ -184,10 +184,6 @@ class SeriesSelector:
             else sort_by_sop_instance_count
         )
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs) -> "SeriesSelector":
-        return cls(load_selection_rules(path), **kwargs)
-
     def select(self, series: Sequence[DicomSeries]) -> tuple[list[SelectedSeries], dict[str, str]]:
         """Returns the selected series (study order kept) and, for the others, why they were not selected."""
         if self.rules is None:

@@ -12,6 +12,7 @@ Options (``--conf KEY VALUE`` of ``monailabel start_server``):
   e.g. ``configs/ulite_2d_paper.json`` for a 2D model.
 - ``model_dir``: where trained checkpoints are published (default: ``model/`` in this app folder).
 - ``fuse``: ``true``/``false``: run the BatchNorm-folded network (default: the config's ``use_fused``).
+- ``amp``: ``true``/``false``: fp16 autocast on CUDA (default: the config's ``amp``, on where CUDA is available).
 - ``preload``: ``true`` loads the weights at start.
 
 Nothing is downloaded: the network, configs and weights are local.
@@ -62,6 +63,7 @@ class ULiteApp(MONAILabelApp):
             self.model_dir,
             name=MODEL_NAME,
             fuse=strtobool(self.conf["fuse"]) if "fuse" in self.conf else None,
+            amp=strtobool(self.conf["amp"]) if "amp" in self.conf else None,
             preload=strtobool(self.conf.get("preload", "false")),
         )
         return {MODEL_NAME: infer}

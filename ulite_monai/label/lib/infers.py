@@ -32,6 +32,8 @@ class ULiteInfer(BasicInferTask):
             the bundle's own (the config's ``ckpt_path``, ``models/model.pt``).
         name: model name in MONAI Label (``ulite``), also the checkpoint file name.
         fuse: run the fused (BatchNorm-folded) network; ``None`` follows the config's ``use_fused`` (default on).
+        amp: mixed precision (fp16 autocast) on CUDA; ``None`` follows the config's ``amp`` (on where CUDA is
+            available). Never used on the CPU.
         preload: load the network when the app starts rather than on the first request.
     """
 
@@ -41,6 +43,7 @@ class ULiteInfer(BasicInferTask):
         model_dir: str,
         name: str = "ulite",
         fuse: bool | None = None,
+        amp: bool | None = None,
         preload: bool = False,
         **kwargs: Any,
     ):
@@ -49,6 +52,9 @@ class ULiteInfer(BasicInferTask):
         if fuse is None:
             fuse = bool(self.parser.get_parsed_content("use_fused")) if "use_fused" in self.parser else True
         self.fuse = fuse
+        if amp is None:
+            amp = bool(self.parser.get_parsed_content("amp")) if "amp" in self.parser else False
+        self.amp = amp
         self._lock = threading.Lock()
         self._local = threading.local()
         info = bundle.info(self.parser)
@@ -99,6 +105,15 @@ class ULiteInfer(BasicInferTask):
         if "inferer" not in parser:
             return SimpleInferer()
         return parser.get_parsed_content("inferer", instantiate=True)
+
+    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        """The inferer as MONAI Label runs it, under fp16 autocast on CUDA when ``amp`` (as the bundle's evaluator)."""
+        if not (self.amp and str(device).startswith("cuda")):
+            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        with torch.autocast("cuda", dtype=torch.float16):
+            data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        data[self.output_label_key] = data[self.output_label_key].float()
+        return data
 
     def inverse_transforms(self, data: Any = None) -> None:
         return None  # the bundle's postprocessing inverts the preprocessing itself (Invertd)
