@@ -52,13 +52,11 @@ def tune_cpu_allocator(trim_threshold_mb: int = 512) -> bool:
     """Let glibc's malloc keep freed tensor memory between forward passes (CPU inference speed).
 
     By default glibc serves large blocks with ``mmap`` and hands them back to the kernel when freed (and
-    trims the heap top), so every forward pass touches fresh pages again. Measured on 2 cores: 5,600 page
-    faults and about 8 ms extra per 1x3x256x256 U-Lite forward, more than the network's own compute, and
-    60,000 faults (twice the time) at batch 8. This sets ``M_MMAP_MAX=0`` (large blocks come from the heap)
-    and ``M_TRIM_THRESHOLD`` (up to ``trim_threshold_mb`` of freed memory stays in the process for reuse),
-    the effect that jemalloc/tcmalloc give, which PyTorch's CPU tuning guide recommends, without preloading
-    another allocator. Peak RSS is about the same; memory freed after a peak is kept, up to the threshold
-    at the heap top.
+    trims the heap top), so every forward pass page-faults fresh pages in again (README.md, "CPU allocator",
+    gives the measured cost). This sets ``M_MMAP_MAX=0`` (large blocks come from the heap) and
+    ``M_TRIM_THRESHOLD`` (up to ``trim_threshold_mb`` of freed memory stays in the process for reuse), the effect
+    that jemalloc/tcmalloc give, which PyTorch's CPU tuning guide recommends, without preloading another
+    allocator. Memory freed after a peak is kept, up to the threshold at the heap top.
 
     Process-wide and applied once; a no-op returning False off glibc (macOS, Windows, musl) or when the
     environment variable ``ULITE_TUNE_ALLOCATOR`` is ``0``. Returns True when the settings are in force.
