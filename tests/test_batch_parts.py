@@ -75,3 +75,81 @@ def test_to_volume_order_undoes_reader_axis_order_and_flips():
         to_volume_order(xyz, shifted, vol_aff, krc.shape)
     with pytest.raises(ValueError, match="not on the input grid"):
         to_volume_order(xyz, pred_aff @ np.diag([2.0, 1, 1, 1]), vol_aff, krc.shape)
+
+
+# ---------------------------------------------------------------------- plan and worker, through their public API
+
+
+def _tree(tmp_path):
+    """Two series of one study (one with a single plane), a volume file and a junk file."""
+    import nibabel as nib
+    from support.dicom import phantom
+    from support.dicom_write import write_dicom_series
+
+    inp = tmp_path / "in"
+    write_dicom_series(phantom((8, 20, 24)), inp / "s1", spacing=(1.0, 1.0, 2.0), study_uid="1.2.3",
+                       series_uid="1.2.3.1", series_number=1)
+    write_dicom_series(phantom((1, 20, 24)), inp / "s2", study_uid="1.2.3", series_uid="1.2.3.2", series_number=2)
+    nib.save(nib.Nifti1Image(phantom((12, 10, 9)), np.diag([1.5, 1.5, 2.0, 1.0])), str(inp / "vol a.nii.gz"))
+    (inp / "notes.txt").write_text("not an image")
+    return inp
+
+
+def test_plan_names_outputs_skips_with_reasons_and_resumes(tmp_path):
+    from ulite_monai.batch.plan import plan_batch
+
+    inp, out = _tree(tmp_path), tmp_path / "out"
+    m = Manifest(out / "manifest.jsonl")
+    plan = plan_batch(inp, out, m, "model v1")
+    keys = [it.key for it in plan.todo]
+    assert len(keys) == 3 and "file:vol a.nii.gz" in keys  # the 1-plane series is planned; the worker rejects it
+    stems = {it.key: it.out_stem for it in plan.todo}
+    assert stems["file:vol a.nii.gz"] == "volumes/vol_a"
+    assert any(s == "1.2.3/1.2.3.1" for s in stems.values())
+    assert [r["input"] for r in plan.skipped] == ["notes.txt"] and plan.skipped[0]["status"] == "skipped"
+    # a finished series with the same model version and its outputs present is not redone
+    (out / "1.2.3").mkdir(parents=True)
+    (out / "1.2.3" / "1.2.3.1.seg.dcm").write_bytes(b"x")
+    done_key = next(k for k, s in stems.items() if s == "1.2.3/1.2.3.1")
+    m.append({"key": done_key, "status": "done", "model_version": "model v1", "outputs": {"seg": "1.2.3/1.2.3.1.seg.dcm"}})
+    again = plan_batch(inp, out, m, "model v1")
+    assert again.already_done == 1 and done_key not in [it.key for it in again.todo]
+    assert len(plan_batch(inp, out, m, "model v2").todo) == 3  # another model redoes it
+    assert len(plan_batch(inp, out, m, "model v1", overwrite=True).todo) == 3
+    rules = {"selections": [{"name": "CT", "conditions": {"Modality": "MR"}}]}
+    sel = plan_batch(inp, out, Manifest(tmp_path / "m2.jsonl"), "model v1", rules=rules)
+    assert all(it.kind == "file" for it in sel.todo) and len(sel.skipped) == 3  # both CT series not selected
+
+
+def test_worker_segments_one_item_and_keeps_errors_in_the_result(tmp_path):
+    from support.dicom import make_standin_bundle
+
+    from ulite_monai.batch.plan import plan_batch
+    from ulite_monai.batch.worker import SeriesWorker
+    from ulite_monai.bundle import Bundle
+
+    inp, out = _tree(tmp_path), tmp_path / "out"
+    staging = out / ".tmp" / "staging"
+    staging.mkdir(parents=True)
+    pipe = Bundle(make_standin_bundle(tmp_path / "bundle")).pipeline(random_weights=True, output_dir=staging)
+    worker = SeriesWorker(pipe, out, out / ".tmp", staging)
+    plan = plan_batch(inp, out, Manifest(out / "manifest.jsonl"), pipe.model_version)
+    by_key = {it.key: it for it in plan.todo}
+    series = next(it for it in plan.todo if it.out_stem.endswith("1.2.3.1"))
+    ld = worker.load(series)
+    assert ld.error is None and ld.volume.array.shape == (8, 20, 24) and ld.temp_path.is_file()
+    row = worker.process(ld)
+    worker.cleanup(ld)
+    assert row["status"] == "done" and row["shape"] == [8, 20, 24] and row["volumes_ml"]
+    assert (out / row["outputs"]["seg"]).is_file() and (out / row["outputs"]["nifti"]).is_file()
+    assert not ld.temp_path.exists() and not any(staging.iterdir())
+    one_plane = next(it for it in plan.todo if it.kind == "dicom" and it is not series)
+    bad = worker.load(one_plane)
+    assert bad.error is not None and "plane" in str(bad.error)
+    with pytest.raises(type(bad.error)):
+        worker.process(bad)
+    vol = worker.process(worker.load(by_key["file:vol a.nii.gz"]))
+    assert vol["outputs"] == {"nifti": "volumes/vol_a.nii.gz"} and vol["status"] == "done"
+    import nibabel as nib
+
+    assert nib.load(str(out / vol["outputs"]["nifti"])).shape == (12, 10, 9)  # the input's grid
