@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 from ulite_monai.bench import cli, measure, report
 from ulite_monai.bench.models import build_model
 from ulite_monai.bench.sliding import bundle_inferer_settings, sweep_settings
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ulite"
 
 
 def test_summarise_median_and_p90():
@@ -45,25 +48,35 @@ def test_child_process_cap_skips_with_reason():
     assert "--max-model-s" in res["reason"]
 
 
-def test_bundle_inferer_settings_from_config(tmp_path):
-    cfg = tmp_path / "inference.json"
-    cfg.write_text(json.dumps({
-        "roi_size": [48, 40, 32], "sw_batch_size": 3, "sw_overlap": 0.4, "features": [8, 16, 32],
-        "network_def": {"_target_": "ulite_monai.networks.ULite", "spatial_dims": 3, "in_channels": 1,
-                        "out_channels": 2, "features": "@features"},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": "@sw_batch_size",
-                    "overlap": "@sw_overlap", "mode": "constant"},
-    }))
-    s, source = bundle_inferer_settings(cfg)
+def test_bundle_inferer_settings_from_bundle_with_overrides(tmp_path):
+    from ulite_monai.bundle import Bundle
+
+    s, source = bundle_inferer_settings(Bundle(BUNDLE))  # the bundle's own inference.json
+    assert s["roi_size"] == [64, 64, 64] and s["sw_batch_size"] == 2 and s["overlap"] == 0.25
+    assert s["mode"] == "gaussian" and s["features"] == [8, 16, 32, 64, 128]
+    assert str(BUNDLE) in source
+    b = Bundle(BUNDLE, overrides=["roi_size=[48, 40, 32]", "sw_batch_size=3", "sw_overlap=0.4",
+                                  "features=[4, 8, 16, 32, 64]", "inferer#mode=constant"])
+    s, source = bundle_inferer_settings(b)
     assert s == {"roi_size": [48, 40, 32], "sw_batch_size": 3, "overlap": 0.4, "mode": "constant",
-                 "features": [8, 16, 32]}
-    assert str(cfg) in source
-    s, source = bundle_inferer_settings(tmp_path / "missing.json")
-    assert "built-in defaults" in source and s["roi_size"] == [128, 128, 128]
+                 "features": [4, 8, 16, 32, 64]}
+    assert "sw_batch_size=3" in source  # the report names the overrides
+    unet = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+            "channels": [8, 16], "strides": [2]}
+    assert bundle_inferer_settings(Bundle(BUNDLE, overrides={"network_def": unet}))[0]["features"] is None
     sweep = sweep_settings(dict(s, roi_size=[64] * 3), rois=[64, 96], batches=[4], overlaps=[0.5])
     assert sweep[0]["roi_size"] == [64] * 3
     assert len(sweep) == 4  # base, roi 96, batch 4, overlap 0.5 (roi 64 is the base already)
     assert {tuple(x["roi_size"]) for x in sweep} == {(64,) * 3, (96,) * 3}
+
+
+def test_bundle_inferer_settings_without_bundle_or_for_2d_fail_clearly(tmp_path):
+    from ulite_monai.bundle import Bundle
+
+    with pytest.raises(FileNotFoundError, match="pass the bundle folder"):
+        bundle_inferer_settings(tmp_path / "no_bundle")
+    with pytest.raises(ValueError, match="3D volume"):
+        bundle_inferer_settings(Bundle(BUNDLE, overrides={"spatial_dims": 2}))
 
 
 def test_unknown_model_is_an_error(capsys):
@@ -125,13 +138,15 @@ def test_markdown_lists_skipped_models_with_reason(tmp_path):
 def test_quick_quality_mode(tmp_path):
     from ulite_monai.bench.quality import run_quality
 
-    q = run_quality(budget_cpu_s=1.0, data_dir=str(tmp_path / "data"), quick=True, log=lambda m: None)
-    assert [r["model"] for r in q["runs"]] == ["ulite", "monai-unet"]
-    for r in q["runs"]:
-        assert r["steps"] >= 1 and r["cpu_s"] >= 1.0
-        assert len(r["dice_per_case"]) == q["num_val"] == 1
-        assert 0.0 <= r["dice_mean"] <= 1.0
-    assert q["runs"][0]["params"] < q["runs"][1]["params"]
+    q = run_quality(["ulite"], budget_s=1.0, data_dir=str(tmp_path / "data"), quick=True, bundle=BUNDLE,
+                    log=lambda m: None)
+    r = q["runs"][0]
+    assert r["model"] == "ulite" and r["steps"] >= 1 and r["cpu_s"] >= 1.0
+    assert len(r["dice_per_case"]) == q["num_val"] == 1 and q["num_train"] == 2
+    assert 0.0 <= r["dice_mean"] <= 1.0
+    assert r["params"] == 64_178  # the bundle's network_def (features 8..128), not a built-in one
+    assert q["patch_size"] == [48, 48, 48] and q["roi_size"] == [64, 64, 64]  # the bundle's settings
+    assert "inference.json" in q["data"] and str(BUNDLE) in q["data"]
 
 
 def test_update_keeps_other_modes(tmp_path):

@@ -173,8 +173,8 @@ def _monai(name: str, dims: int, size: tuple[int, ...] | None = None) -> nn.Modu
 
 
 def build_model(name: str, dims: int, train: bool = False, workdir: str | None = None,
-                size: tuple[int, ...] | None = None,
-                features: Sequence[int] | None = None) -> tuple[Callable, nn.Module]:
+                size: tuple[int, ...] | None = None, features: Sequence[int] | None = None,
+                device: torch.device | str | None = None) -> tuple[Callable, nn.Module]:
     """Build benchmark model ``name`` for ``dims`` spatial dims.
 
     Args:
@@ -184,32 +184,41 @@ def build_model(name: str, dims: int, train: bool = False, workdir: str | None =
         workdir: folder for exported files (ONNX); a temporary folder when not given.
         size: input spatial size (only UNETR depends on it); the benchmark size when not given.
         features: U-Lite ``features`` (default: the paper's ``(16, 32, 64, 128, 256, 512)``).
+        device: where the network runs (default the CPU). Every network is built and fused on the CPU, then
+            moved, so the result does not depend on where fusion ran.
 
     Returns:
         ``(callable, torch_module)``: what to time, and the torch module that defines it (parameters and
         FLOPs are counted on the latter; for ONNX Runtime it is the exported fused network).
+
+    Raises:
+        ValueError: ``ulite-onnx`` on a device other than the CPU (it runs ONNX Runtime's CPU provider).
     """
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}.")
     if dims not in _IO:
         raise ValueError(f"dims must be 2 or 3, got {dims}.")
     spec = MODELS[name]
+    device = torch.device(device or "cpu")
+    if spec.runtime == "onnxruntime" and device.type != "cpu":
+        raise ValueError(f"{name} runs ONNX Runtime's CPU provider; it is benchmarked on the CPU only.")
     torch.manual_seed(0)
     if train and not spec.trainable:
         raise ValueError(f"{name} is an inference-only variant; it has no training step.")
     if spec.family == "monai":
-        net = _monai(name, dims, size)
+        net = _monai(name, dims, size).to(device)
         return (net, net.train()) if train else (net.eval(), net.eval())
     from ulite_monai.networks import fuse_ulite
 
     base = _randomise_bn(_ulite(dims, features))
     if name == "ulite":
+        base = base.to(device)
         return (base.train(), base.train()) if train else (base.eval(), base.eval())
     base.eval()
     if name == "ulite-fused-nchw":
-        fused = fuse_ulite(base, channels_last=False)
+        fused = fuse_ulite(base, channels_last=False).to(device)
         return fused, fused
-    fused = fuse_ulite(base)
+    fused = fuse_ulite(base).to(device)
     if name == "ulite-fused":
         return fused, fused
     if name == "ulite-fused-compile":

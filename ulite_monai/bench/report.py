@@ -11,11 +11,12 @@ from pathlib import Path
 
 from ulite_monai.utils import save_atomically
 
-__all__ = ["environment", "write_json", "write_text", "markdown", "plot"]
+__all__ = ["environment", "write_json", "write_text", "markdown", "plot", "plot_training"]
 
 
-def environment() -> dict:
-    """Where the figures come from: CPU, cores, threads, library versions."""
+def environment(device=None, amp: str = "none") -> dict:
+    """Where the figures come from: CPU, cores, threads, library versions; on CUDA the GPU, its driver, CUDA,
+    cuDNN and math settings (``device``), and the ``amp`` setting."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -45,6 +46,14 @@ def environment() -> dict:
 
     env["allocator"] = allocator_settings()
     env["git"] = _git_state()
+    env["source_sha256"] = _source_digest()
+    dev = torch.device(device or "cpu")
+    env["device"] = str(dev)
+    env["amp"] = amp or "none"
+    if dev.type == "cuda":
+        from ulite_monai.bench.device import cuda_environment
+
+        env["cuda_device"] = cuda_environment(dev)
     try:
         import psutil
 
@@ -67,6 +76,18 @@ def _git_state() -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": rev, "networks_modified": [ln[3:] for ln in dirty if ln.strip()]}
+
+
+def _source_digest() -> str:
+    """SHA-256 (16 hex digits) of the package's Python sources: which code measured, where there is no git."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -105,7 +126,9 @@ def _speed_tables(speed: dict) -> list[str]:
         head = ["Model", "Params", "GFLOPs", "bs1 median (ms)", "bs1 p90 (ms)", "bs1 cold median (ms)"]
         if tb:
             head.append(f"bs{tb} throughput (img/s)")
-        head += ["train step (ms)", "peak RSS infer (MB)", "peak RSS train (MB)", "notes"]
+        gpu = str(speed.get("device", "cpu")).startswith("cuda")
+        mem = "peak GPU memory" if gpu else "peak RSS"
+        head += ["train step (ms)", f"{mem} infer (MB)", f"{mem} train (MB)", "notes"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
         for r in rows:
@@ -120,8 +143,9 @@ def _speed_tables(speed: dict) -> list[str]:
             notes = list(r.get("notes", []))
             if r.get("stored_weights"):
                 notes.insert(0, f"{r['stored_weights']:,} stored weights after fusion")
-            cells += [_f(tr.get("median_ms")), _f(r.get("infer_peak_rss_mb"), "{:.0f}"),
-                      _f(r.get("train_peak_rss_mb"), "{:.0f}"), "; ".join(notes)]
+            key = "gpu" if gpu else "rss"
+            cells += [_f(tr.get("median_ms")), _f(r.get(f"infer_peak_{key}_mb"), "{:.0f}"),
+                      _f(r.get(f"train_peak_{key}_mb"), "{:.0f}"), "; ".join(notes)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if speed.get("ratios"):
@@ -137,35 +161,82 @@ def _speed_tables(speed: dict) -> list[str]:
 
 
 def _sw_table(sw: dict) -> list[str]:
-    lines = ["### Sliding-window inference, volume " + "x".join(str(v) for v in sw["volume"]), ""]
+    gpu = str(sw.get("device", "cpu")).startswith("cuda")
+    title = "### Sliding-window inference, volume " + "x".join(str(v) for v in sw["volume"])
+    if gpu:
+        title += f", {sw['device']}, amp {sw.get('amp', 'none')}"
+    lines = [title, ""]
     src = sw.get("settings_source")
     if src:
         lines += [f"Bundle inferer settings: {src}.", ""]
-    lines += ["| Model | roi | sw_batch_size | overlap | wall time (s) | peak RSS (MB) | notes |",
+    mem_key, mem, fmt = ("peak_gpu_mb", "peak GPU memory", "{:.3f}") if gpu else ("peak_rss_mb", "peak RSS", "{:.1f}")
+    what = "time (s, median)" if gpu else "wall time (s)"
+    lines += [f"| Model | roi | sw_batch_size | overlap | {what} | {mem} (MB) | notes |",
               "|---|---|---:|---:|---:|---:|---|"]
     for r in sw["runs"]:
         lines.append(
             f"| {r['label']} | {'x'.join(str(v) for v in r['roi'])} | {r['sw_batch_size']} | {r['overlap']} | "
-            f"{_f(r.get('wall_s'))} | {_f(r.get('peak_rss_mb'), '{:.0f}')} | {r.get('note', '')} |")
+            f"{_f(r.get('wall_s'), fmt)} | {_f(r.get(mem_key), '{:.0f}')} | {r.get('note', '')} |")
     lines.append("")
     for k, v in (sw.get("best") or {}).items():
         lines.append(f"- fastest for {k}: roi {'x'.join(str(x) for x in v['roi'])}, sw_batch_size "
-                     f"{v['sw_batch_size']}, overlap {v['overlap']}: {v['wall_s']:.1f} s, {v['peak_rss_mb']:.0f} MB")
+                     f"{v['sw_batch_size']}, overlap {v['overlap']}: {fmt.format(v['wall_s'])} s, "
+                     f"{v[mem_key]:.0f} MB")
     lines.append("")
+    return lines
+
+
+def _training_tables(tr: dict) -> list[str]:
+    gpu = str(tr.get("device", "cpu")).startswith("cuda")
+    mem_key, mem = ("peak_gpu_mb", "peak GPU memory (MB)") if gpu else ("step_rss_growth_mb", "RSS growth in a step (MB)")
+    lines = []
+    for wl in tr["workloads"]:
+        lines += [f"### {wl['name']}: {wl['description']}", "",
+                  f"Input {'x'.join(str(v) for v in wl['input_shape'])}; {wl['loss']}; {wl['optimizer']}; "
+                  f"{tr['device']}, amp {tr.get('amp', 'none')}.", "",
+                  f"| Model | Params | step median (ms) | p90 (ms) | steps | samples/s | {mem} | notes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in wl["results"]:
+            st = r.get("step") or {}
+            lines.append(f"| {r['label']} | {_params(r.get('params'))} | {_f(st.get('median_ms'))} | "
+                         f"{_f(st.get('p90_ms'))} | {st.get('n', '–')} | {_f(r.get('samples_per_s'))} | "
+                         f"{_f(r.get(mem_key), '{:.0f}')} | {'; '.join(r.get('notes', []))} |")
+        labels = {r["model"]: r["label"] for r in wl["results"]}
+        for q in wl.get("ratios", []):
+            faster = "faster" if q["speedup"] >= 1 else "slower"
+            factor = q["speedup"] if q["speedup"] >= 1 else 1 / q["speedup"]
+            lines.append(f"- {labels[q['model']]} against {labels[q['versus']]}: {factor:.2f}x {faster} "
+                         f"(speed-up {q['speedup']:.2f}x)")
+        lines.append("")
     return lines
 
 
 def _quality_table(q: dict) -> list[str]:
-    lines = [f"### Quality at equal budget ({q['budget_cpu_s']:.0f} CPU-seconds of training each)", "",
+    budget = q.get("budget_s", q.get("budget_cpu_s"))
+    clock = q.get("budget_clock", "process CPU time")
+    lines = [f"### Quality at equal budget ({budget:.0f} s of {clock} of training each)", "",
              f"Data: {q['data']}.", "",
-             "| Model | Params | steps | CPU time (s) | wall time (s) | val Dice (mean) | per case |",
+             f"| Model | Params | steps | {clock} (s) | wall time (s) | val Dice (mean) | per case |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in q["runs"]:
-        lines.append(f"| {r['label']} | {_params(r.get('params'))} | {r['steps']} | {r['cpu_s']:.0f} | "
+        used = r.get("budget_used_s", r.get("cpu_s"))
+        lines.append(f"| {r['label']} | {_params(r.get('params'))} | {r['steps']} | {used:.0f} | "
                      f"{r['wall_s']:.0f} | {r['dice_mean']:.3f} | "
                      + ", ".join(f"{d:.3f}" for d in r["dice_per_case"]) + " |")
     lines.append("")
     return lines
+
+
+def _gpu_line(env: dict) -> str:
+    g = env.get("cuda_device")
+    if not g:
+        return ""
+    return (f"GPU: {g['gpu']} ({g['gpu_memory_gb']} GB, compute capability {g['compute_capability']}), driver "
+            f"{g.get('driver') or '?'}, CUDA {g.get('cuda')}, cuDNN {g.get('cudnn')} (benchmark "
+            f"{'on' if g.get('cudnn_benchmark') else 'off'}, TF32 convolutions {'on' if g.get('tf32_cudnn') else 'off'}, "
+            f"TF32 matmul {'on' if g.get('tf32_matmul') else 'off'}); autocast: {env.get('amp', 'none')}. Timing: "
+            "CUDA events around each call after a device synchronisation; peak memory: "
+            "torch.cuda.max_memory_allocated.")
 
 
 def markdown(report: dict) -> str:
@@ -183,6 +254,10 @@ def markdown(report: dict) -> str:
              f"Load average (1/5/15 min) at start {report.get('load_average_start')}, at end "
              f"{report.get('load_average_end')}: other processes shared the CPUs, so compare figures within "
              "this run (ratios), not across machines.", ""]
+    if env.get("cuda_device"):
+        lines[-1:-1] = [_gpu_line(env)]
+    if env.get("source_sha256"):
+        lines[-1:-1] = [f"Package sources SHA-256 {env['source_sha256']}."]
     for run in report.get("earlier_runs", []):
         lines += [f"Results of {', '.join(run['kept'])} are from another run: `{run['command']}` at "
                   f"{run['created_utc']} (load average {run.get('load_average_start')} to "
@@ -198,6 +273,13 @@ def markdown(report: dict) -> str:
                   "Peak RSS: a fresh child process per model builds it, warms up, resets the high-water mark "
                   "and runs the workload; the figure includes the Python/torch runtime and the weights.", ""]
         lines += _speed_tables(report["speed"])
+    if "training_step" in report:
+        lines += ["## Training step", "",
+                  "One step: zero gradients, forward and loss (under autocast when amp is on), backward, optimiser "
+                  "step (through a GradScaler for fp16), as MONAI's SupervisedTrainer runs it. All models of a "
+                  "workload in one process, interleaved one step per model per round after warm-up steps; medians. "
+                  "Speed-up = MONAI UNet's step time / U-Lite's.", ""]
+        lines += _training_tables(report["training_step"])
     if "sliding_window" in report:
         lines += ["## Sliding-window inference", ""] + _sw_table(report["sliding_window"])
     if "quality" in report:
@@ -228,8 +310,40 @@ def plot(speed: dict, path) -> Path:
         ax.set_xlabel("parameters")
         ax.set_ylabel("latency bs1, median (ms)")
         shape = "x".join(str(s) for s in rows[0]["input_shape"]) if rows else ""
-        ax.set_title(f"{dims}D {shape} ({speed['threads']} threads); marker area ~ FLOPs")
+        where = f"{speed['threads']} threads"
+        if str(speed.get("device", "cpu")).startswith("cuda"):
+            where = f"{speed['device']}, amp {speed.get('amp', 'none')}"
+        ax.set_title(f"{dims}D {shape} ({where}); marker area ~ FLOPs")
         ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        save_atomically(lambda tmp: fig.savefig(tmp, dpi=110), path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_training(training: dict, path) -> Path:
+    """Median step time per model, one panel per training workload (U-Lite red, MONAI blue); writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wls = training["workloads"] or [{"name": "none", "description": "", "results": []}]
+    fig, axes = plt.subplots(1, len(wls), figsize=(5.5 * len(wls), 3.8), squeeze=False)
+    for ax, wl in zip(axes[0], wls):
+        rows = [r for r in wl["results"] if r.get("step")]
+        ys = list(range(len(rows)))
+        ax.barh(ys, [r["step"]["median_ms"] for r in rows],
+                color=["tab:red" if r["family"] == "ulite" else "tab:blue" for r in rows], alpha=0.7)
+        ax.set_yticks(ys, [r["label"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("training step, median (ms)")
+        shape = "x".join(str(v) for v in wl.get("input_shape", []))
+        ax.set_title(f"{wl['name']}: {shape}\n{training['device']}, amp {training.get('amp', 'none')}", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     try:

@@ -44,13 +44,25 @@ RATIO_PAIRS = (
 )
 
 
+def _wall(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def interleave(calls: dict[str, Callable[[], object]], rounds: dict[str, int],
-                bursts: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+               bursts: dict[str, int] | None = None,
+               timer: Callable[[Callable[[], object]], float] | None = None,
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time ``rounds[name]`` rounds of each callable, each model in turn, ``bursts[name]`` calls back to back.
+
+    ``timer(fn)`` returns the seconds one call takes (default: wall time; on CUDA pass
+    :class:`ulite_monai.bench.device.Timer`, which synchronises and times with CUDA events).
 
     Returns ``(samples, cold)``: in a burst of more than one call the first call goes to ``cold`` and the
     others to ``samples``; with bursts of one every call is in both.
     """
+    timer = timer or _wall
     samples: dict[str, list[float]] = {k: [] for k in calls}
     cold: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(max(rounds.values(), default=0)):
@@ -58,9 +70,7 @@ def interleave(calls: dict[str, Callable[[], object]], rounds: dict[str, int],
             if r < rounds[name]:
                 burst = max(1, (bursts or {}).get(name, 1))
                 for i in range(burst):
-                    t0 = time.perf_counter()
-                    fn()
-                    dt = time.perf_counter() - t0
+                    dt = timer(fn)
                     if i == 0:
                         cold[name].append(dt)
                     if i > 0 or burst <= 1:
@@ -96,6 +106,8 @@ def run_speed(
     max_model_s: float = 300.0,
     max_rss_gb: float = 8.0,
     log: Callable[[str], None] = print,
+    device: str | torch.device = "cpu",
+    amp: str = "none",
 ) -> dict:
     """Run the speed benchmark and return its results (see the module docstring).
 
@@ -114,9 +126,20 @@ def run_speed(
         max_model_s: wall-time cap of each child process (a slower model is skipped, with the reason).
         max_rss_gb: RSS cap of each child process.
         log: progress printer.
+        device: ``"cpu"`` (the procedure above) or a CUDA device (:func:`_run_speed_cuda`).
+        amp: ``"none"``, or ``"fp16"``/``"bf16"`` autocast (CUDA only).
     """
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        return _run_speed_cuda(models, dev, amp, dims_list=dims_list, repeats=repeats, repeats_3d=repeats_3d,
+                               warmup=warmup, burst=burst, throughput_batch=throughput_batch,
+                               train_batch=train_batch, train=train, size_2d=size_2d, size_3d=size_3d,
+                               max_model_s=max_model_s, log=log)
+    if amp not in (None, "none"):
+        raise ValueError("mixed precision (--amp) is benchmarked on CUDA only; use --amp none on the CPU.")
     threads = torch.get_num_threads()
-    out = {"threads": threads, "results": [], "load_average_start": measure.load_average()}
+    out = {"device": "cpu", "amp": "none", "threads": threads, "results": [],
+           "load_average_start": measure.load_average()}
     common = ["--threads", threads]
     for dims in dims_list:
         size = tuple(size_2d if dims == 2 else size_3d)
@@ -124,11 +147,7 @@ def run_speed(
         recs: dict[str, dict] = {}
         for name in models:
             spec = MODELS[name]
-            rec = {
-                "model": name, "label": spec.label, "family": spec.family, "runtime": spec.runtime,
-                "description": spec.description, "dims": dims, "input_shape": list(input_shape(dims, 1, size)),
-                "status": "ok", "notes": [],
-            }
+            rec = _record(name, dims, size)
             recs[name] = rec
             log(f"[{dims}D] probing {name} (child process) ...")
             res = measure.run_child(["infer", "--model", name, "--dims", dims, "--flops", "--size", *size] + common,
@@ -214,6 +233,143 @@ def run_speed(
                 del steps
         for n in models:
             out["results"].append(recs[n])
+    out["load_average_end"] = measure.load_average()
+    out["ratios"] = ratios(out["results"])
+    out["ratios_cold"] = ratios(out["results"], "latency_bs1_cold")
+    return out
+
+
+def _record(name: str, dims: int, size: Sequence[int]) -> dict:
+    spec = MODELS[name]
+    return {"model": name, "label": spec.label, "family": spec.family, "runtime": spec.runtime,
+            "description": spec.description, "dims": dims, "input_shape": list(input_shape(dims, 1, size)),
+            "status": "ok", "notes": []}
+
+
+def _run_speed_cuda(
+    models: Sequence[str],
+    dev: torch.device,
+    amp: str,
+    dims_list: Sequence[int],
+    repeats: int,
+    repeats_3d: int,
+    warmup: int,
+    burst: int,
+    throughput_batch: int,
+    train_batch: int,
+    train: bool,
+    size_2d: Sequence[int],
+    size_3d: Sequence[int],
+    max_model_s: float,
+    log: Callable[[str], None],
+) -> dict:
+    """The speed benchmark on a CUDA device, in this process (one CUDA context for all models).
+
+    Per model: build it on the CPU (U-Lite: fuse there), move it, run ``warmup`` calls (cuDNN autotuning and,
+    for ``torch.compile``, compilation), then one call with the peak-memory counter reset: *peak GPU memory* is
+    ``torch.cuda.max_memory_allocated`` during that call minus what was allocated before the model was built,
+    plus the input: the weights, input, activations and output of one call. The same for one training step
+    (weights, gradients, optimiser state, activations). A model that fails (e.g. out of memory) is listed as
+    skipped with the error; ONNX Runtime's CPU provider is not run. Timing is interleaved in bursts as on the
+    CPU, each call timed with CUDA events after synchronising (:class:`ulite_monai.bench.device.Timer`).
+    """
+    from ulite_monai.bench import device as D
+
+    amp = D.check_amp(dev, amp)
+    timer = D.Timer(dev)
+    threads = torch.get_num_threads()
+    out = {"device": str(dev), "amp": amp, "threads": threads, "results": [],
+           "load_average_start": measure.load_average()}
+    budget = max_model_s / 2
+    for dims in dims_list:
+        size = tuple(size_2d if dims == 2 else size_3d)
+        reps = repeats if dims == 2 else repeats_3d
+        recs: dict[str, dict] = {}
+        calls: dict[str, Callable[[], object]] = {}
+        fns: dict[str, Callable] = {}
+        steps: dict[str, Callable[[], object]] = {}
+        x1 = make_input(dims, 1, size, device=dev)
+        x1_mb = x1.numel() * x1.element_size() / 2**20
+        with tempfile.TemporaryDirectory(prefix="ulite_bench_") as tmp:
+            for name in models:
+                spec = MODELS[name]
+                rec = recs[name] = _record(name, dims, size)
+                if spec.runtime == "onnxruntime":
+                    rec["status"] = "skipped"
+                    rec["notes"].append("ONNX Runtime's CPU provider: benchmarked on the CPU only")
+                    continue
+                log(f"[{dims}D] {name} on {dev} (amp {amp}): build, warm-up, peak memory ...")
+                try:
+                    before = D.gpu_allocated_mb(dev)
+                    fn, net = build_model(name, dims, workdir=tmp, size=size, device=dev)
+                    call = make_infer(fn, x1, amp)
+                    t0 = time.perf_counter()
+                    for _ in range(max(1, warmup)):
+                        call()
+                    D.synchronize(dev)
+                    rec["warmup_s"] = time.perf_counter() - t0
+                    D.reset_gpu_peak(dev)
+                    rec["probe_call_s"] = timer(call)
+                    rec["infer_peak_gpu_mb"] = D.gpu_peak_mb(dev) - before + x1_mb
+                    rec["params"] = _ulite_params(dims) if spec.family == "ulite" else measure.param_count(net)
+                    if spec.family == "ulite" and measure.param_count(net) != rec["params"]:
+                        rec["stored_weights"] = measure.param_count(net)
+                    rec["flops"] = measure.flops_of(net, x1)
+                    fns[name], calls[name] = fn, call
+                except Exception as e:  # noqa: BLE001 - out of memory, unsupported op: record and go on
+                    rec["status"] = "skipped"
+                    rec["notes"].append(f"inference: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    log(f"[{dims}D]   skipped: {rec['notes'][-1]}")
+                    torch.cuda.empty_cache()
+                    continue
+                if train and spec.trainable:
+                    try:
+                        before = D.gpu_allocated_mb(dev)
+                        _, tnet = build_model(name, dims, train=True, size=size, device=dev)
+                        step = make_train_step(tnet, dims, train_batch, size, device=dev, amp=amp)
+                        for _ in range(max(1, warmup)):
+                            step()
+                        D.reset_gpu_peak(dev)
+                        rec["probe_train_s"] = timer(step)
+                        rec["train_peak_gpu_mb"] = D.gpu_peak_mb(dev) - before
+                        steps[name] = step
+                    except Exception as e:  # noqa: BLE001
+                        rec["notes"].append(f"training step: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                        log(f"[{dims}D]   training step skipped: {rec['notes'][-1]}")
+                        torch.cuda.empty_cache()
+            ok = list(calls)
+            bursts = {n: max(1, int(burst)) if (recs[n]["probe_call_s"] or 0) < 1.0 else 1 for n in ok}
+            rounds = {n: _rounds(reps, (recs[n]["probe_call_s"] or 0) * bursts[n], budget) for n in ok}
+            log(f"[{dims}D] latency bs1: interleaved, up to {reps} rounds of up to {burst} calls per model ...")
+            lat, cold = interleave(calls, rounds, bursts, timer)
+            for n in ok:
+                recs[n]["latency_bs1"] = measure.summarise(lat[n])
+                recs[n]["latency_bs1_cold"] = measure.summarise(cold[n])
+                recs[n]["burst"] = bursts[n]
+            if dims == 2 and throughput_batch > 1 and ok:
+                xb = make_input(dims, throughput_batch, size, device=dev)
+                bcalls = {n: make_infer(fns[n], xb, amp) for n in ok}
+                for n in ok:
+                    bcalls[n]()  # warm-up at this batch size (autotuning, re-compiles where needed)
+                brounds = {n: max(3, rounds[n] // 4) for n in ok}
+                log(f"[{dims}D] throughput bs{throughput_batch}: interleaved ...")
+                thr, _ = interleave(bcalls, brounds, timer=timer)
+                for n in ok:
+                    st = measure.summarise(thr[n])
+                    recs[n][f"latency_bs{throughput_batch}"] = st
+                    recs[n]["throughput_batch"] = throughput_batch
+                    recs[n]["throughput_per_s"] = throughput_batch / (st["median_ms"] / 1000.0)
+                del xb, bcalls
+            if steps:
+                trounds = {n: _rounds(max(3, reps // 4), recs[n]["probe_train_s"], budget) for n in steps}
+                log(f"[{dims}D] training step bs{train_batch}: interleaved ...")
+                tr, _ = interleave(steps, trounds, timer=timer)
+                for n in steps:
+                    recs[n]["train_step"] = measure.summarise(tr[n])
+                    recs[n]["train_batch"] = train_batch
+            del fns, calls, steps, x1
+            torch.cuda.empty_cache()
+        out["results"].extend(recs[n] for n in models)
     out["load_average_end"] = measure.load_average()
     out["ratios"] = ratios(out["results"])
     out["ratios_cold"] = ratios(out["results"], "latency_bs1_cold")
