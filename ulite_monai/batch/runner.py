@@ -108,7 +108,7 @@ def run_batch(opts: BatchOptions) -> dict:
         manifest = Manifest(out / "manifest.jsonl")
         pipeline = Bundle(opts.bundle_dir, opts.config_files, opts.overrides).pipeline(
             device=opts.device, checkpoint=opts.checkpoint, random_weights=opts.allow_random_weights,
-            fuse=opts.fuse, amp=opts.amp, output_dir=staging)
+            fuse=opts.fuse, amp=opts.amp, output_dir=staging, quiet=True)
         plan = plan_batch(opts.input_dir, out, manifest, pipeline.model_version, opts.rules, opts.all_matched,
                           opts.overwrite)
         counts = {"done": 0, "empty": 0, "skipped": 0, "failed": 0, "already_done": plan.already_done}

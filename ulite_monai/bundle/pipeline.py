@@ -54,6 +54,8 @@ class InferencePipeline:
         amp: set the config's ``amp`` (``None`` keeps the config's); autocast is used on CUDA only.
         output_dir: set the config's ``output_dir`` (where ``SaveImaged`` writes).
         overrides: further ``{id: value}`` settings.
+        quiet: the postprocessing's ``SaveImaged`` does not print each file it writes (a caller that records
+            its outputs, such as the batch manifest, says so itself).
 
     Raises:
         FileNotFoundError: the checkpoint does not exist (and ``random_weights`` is off).
@@ -72,6 +74,7 @@ class InferencePipeline:
         amp: bool | None = None,
         output_dir: str | os.PathLike | None = None,
         overrides: dict[str, Any] | None = None,
+        quiet: bool = False,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         if random_weights and checkpoint:
@@ -114,6 +117,12 @@ class InferencePipeline:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
+        if quiet:
+            from monai.transforms import SaveImaged
+
+            for t in getattr(self.postprocessing, "transforms", ()):
+                if isinstance(t, SaveImaged):
+                    t.set_options(write_kwargs={"verbose": False})
 
     # -- identity --------------------------------------------------------------------------------------------
     @property
