@@ -1,6 +1,6 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
-"""The bundle's workflows on tiny budgets: training (+ resume), evaluation CSVs, the 2D paper override,
-inference written back onto the input grid (NIfTI, NRRD, DICOM series), and errors on bad data."""
+"""The bundle's workflows on tiny budgets: training (+ resume), evaluation CSVs, inference written back onto
+the input grid (NIfTI, NRRD, DICOM series), and errors on bad data. The 2D bundle: test_bundle_2d.py."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ LOGGING = str(CONFIGS / "logging.conf")
 TRAIN = str(CONFIGS / "train.json")
 EVAL = str(CONFIGS / "evaluate.json")
 INFER = str(CONFIGS / "inference.json")
-PAPER_2D = str(CONFIGS.parents[2] / "configs" / "ulite_2d_paper.json")
 
 # tiny budget: 4 mm voxels, 3-stage network, one 32^3 patch per volume
 TINY = {
@@ -118,20 +117,6 @@ def test_evaluate_writes_metric_csvs(trained, tmp_path):
     assert dice > 0.5  # a threshold finds most of the (bright) target
     assert iou == pytest.approx(dice / (2 - dice), abs=1e-4)  # IoU and Dice of the same masks
     assert 0.0 < per_case["val_msd"] <= per_case["val_hd95"] < 100.0  # millimetres, finite
-
-
-def test_2d_paper_override_runs_one_epoch(tmp_path):
-    ov = {"dataset_dir": str(tmp_path / "isic"), "ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "runs"),
-          "output_dir": str(tmp_path / "eval"), "image_size": [64, 64], "batch_size": 4, "max_epochs": 1,
-          "progress_bar": False, "features": [8, 16, 32]}
-    wf = _workflow([TRAIN, PAPER_2D], "train", **ov)
-    assert wf.parser["spatial_dims"] == 2 and wf.parser["in_channels"] == 3
-    assert sorted(p.name for p in Path(ov["dataset_dir"]).glob("*_segmentation.png"))[:1] == ["demo_000_segmentation.png"]
-    wf.run()
-    assert (Path(ov["ckpt_dir"]) / "model.pt").is_file()
-    lr_sched = wf.parser.get_parsed_content("lr_scheduler")
-    assert isinstance(lr_sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and lr_sched.mode == "max"
-    assert lr_sched.last_epoch == 1  # stepped once, on the validation Dice
 
 
 def _threshold_checkpoint(path: Path, hu_threshold: float, intensity_range=(-200.0, 300.0)) -> Path:

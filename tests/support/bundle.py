@@ -87,3 +87,23 @@ def env_without_threads() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+class MeanThreshold2D:
+    """Builds a stand-in 2D "network" for slice-wise tests: one logit, positive where the channel mean of the
+    (scaled) input is above ``threshold`` (a torch module; built lazily so importing this file needs no torch)."""
+
+    def __new__(cls, threshold: float = 0.5, **_):
+        import torch
+
+        class _Net(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+            def forward(self, x):
+                if x.dim() != 4:
+                    raise ValueError(f"2D network called with a {x.dim() - 2}D input")
+                return (x.mean(1, keepdim=True) - threshold) * 100.0 + 0 * self.dummy
+
+        return _Net()

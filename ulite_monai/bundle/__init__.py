@@ -7,7 +7,14 @@ MONAI Label app, the bench and the demo go through :class:`Bundle` and :class:`I
 """
 
 from ulite_monai.bundle.config import Bundle, parse_overrides
-from ulite_monai.bundle.helpers import AtomicNibabelWriter, load_network, report_evaluation, report_training
+from ulite_monai.bundle.helpers import (
+    AtomicNibabelWriter,
+    AtomicPILWriter,
+    atomic_writer,
+    load_network,
+    report_evaluation,
+    report_training,
+)
 from ulite_monai.bundle.locate import bundle_root, locate_bundle
 from ulite_monai.bundle.metadata import BundleInfo, read_metadata
 from ulite_monai.bundle.metrics import HD95, MeanSurfaceDistance, SpacingHausdorffDistanceMetric, SpacingSurfaceDistanceMetric
@@ -31,6 +38,8 @@ __all__ = [
     "unwrap_state_dict",
     "load_network",
     "AtomicNibabelWriter",
+    "AtomicPILWriter",
+    "atomic_writer",
     "report_training",
     "report_evaluation",
     "HD95",

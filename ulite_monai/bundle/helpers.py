@@ -10,12 +10,13 @@ import os
 from pathlib import Path
 
 import torch
-from monai.data import NibabelWriter
+from monai.data import NibabelWriter, PILWriter
 
 from ulite_monai.bundle.weights import load_weights
 from ulite_monai.utils import save_atomically
 
-__all__ = ["load_network", "AtomicNibabelWriter", "report_training", "report_evaluation"]
+__all__ = ["load_network", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer", "report_training",
+           "report_evaluation"]
 
 
 def load_network(
@@ -52,6 +53,22 @@ class AtomicNibabelWriter(NibabelWriter):
         save_atomically(lambda tmp: NibabelWriter.write(self, tmp, verbose=False, **obj_kwargs), target)
         if verbose:
             print(f"file written: {target}.", flush=True)
+
+
+class AtomicPILWriter(PILWriter):
+    """``monai.data.PILWriter`` (PNG, JPEG, TIFF masks) writing through a temporary file and a rename."""
+
+    def write(self, filename, verbose: bool = False, **kwargs):  # type: ignore[override]
+        target = Path(filename)
+        save_atomically(lambda tmp: PILWriter.write(self, tmp, verbose=False, **kwargs), target)
+        if verbose:
+            print(f"file written: {target}.", flush=True)
+
+
+def atomic_writer(output_ext: str):
+    """The atomic writer class for ``output_ext``: PIL for ``.png/.jpg/.jpeg/.tif/.tiff/.bmp``, else NIfTI."""
+    return AtomicPILWriter if str(output_ext).lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp") else (
+        AtomicNibabelWriter)
 
 
 def report_training(trainer, evaluator, ckpt_dir: str | os.PathLike) -> dict:

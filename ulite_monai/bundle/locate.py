@@ -16,13 +16,15 @@ def _is_bundle(folder: Path) -> bool:
     return (folder / "configs" / "metadata.json").is_file()
 
 
-def locate_bundle(path: str | os.PathLike | None = None) -> Path:
+def locate_bundle(path: str | os.PathLike | None = None, name: str = "ulite") -> Path:
     """The bundle folder (the one holding ``configs/metadata.json``), as an absolute path.
 
     Args:
         path: a bundle folder, or a file inside its ``configs/`` folder. ``None`` searches, first match wins:
-            ``$ULITE_BUNDLE``; ``bundles/ulite`` under the current directory (the repository root); the current
-            directory itself (run from inside the bundle); the bundle beside the installed package.
+            ``$ULITE_BUNDLE`` (for the default ``name``); ``bundles/<name>`` under the current directory (the
+            repository root); the current directory when it is the bundle's folder (named ``<name>``); ``bundles/<name>``
+            beside the installed package.
+        name: which of the project's bundles to look for: ``ulite`` (3D) or ``ulite_2d``.
 
     Raises:
         FileNotFoundError: nothing found; the message says what to pass.
@@ -37,20 +39,21 @@ def locate_bundle(path: str | os.PathLike | None = None) -> Path:
                 "e.g. bundles/ulite."
             )
         return p.resolve()
-    env = os.environ.get("ULITE_BUNDLE")
-    candidates = ([Path(env)] if env else []) + [Path("bundles") / "ulite", Path("."), REPO_BUNDLE]
+    env = os.environ.get("ULITE_BUNDLE") if name == "ulite" else None
+    here = [Path(".")] if Path.cwd().name == name else []  # run from inside the bundle's own folder
+    candidates = ([Path(env)] if env else []) + [Path("bundles") / name, *here, REPO_BUNDLE.parent / name]
     for c in candidates:
         if _is_bundle(c):
             return c.resolve()
     raise FileNotFoundError(
-        "cannot find the ulite bundle from the current directory; run from the repository root, set ULITE_BUNDLE, "
-        "or pass the bundle folder (--bundle_root / --bundle <path/to/bundles/ulite>)."
+        f"cannot find the {name} bundle from the current directory; run from the repository root, set ULITE_BUNDLE, "
+        f"or pass the bundle folder (--bundle_root / --bundle <path/to/bundles/{name}>)."
     )
 
 
-def bundle_root() -> str:
+def bundle_root(name: str = "ulite") -> str:
     """:func:`locate_bundle` as a string, for the configs' ``bundle_root`` (``--bundle_root`` overrides it)."""
-    root = locate_bundle()
+    root = locate_bundle(name=name)
     try:  # a relative path when the bundle is under the current directory: outputs stay readable in logs
         return str(root.relative_to(Path.cwd().resolve())) or "."
     except ValueError:

@@ -49,8 +49,10 @@ class BundleInfo:
 
     Attributes:
         name, version, description: from metadata.json.
-        spatial_dims, in_channels, out_channels: of the configured ``network_def`` (the config wins over
-            metadata.json, so override files that make a 2D model are seen as such); ``None`` where neither says.
+        spatial_dims: of the images the configuration takes: its ``input_spatial_dims`` (e.g. 3 for a 2D network
+            applied slice by slice), else the configured ``network_def``'s, else metadata.json's.
+        in_channels, out_channels: of the configured ``network_def`` (the config wins over metadata.json, so
+            override files that make a 2D model are seen as such); ``None`` where neither says.
         image_key, pred_key: the first input and output keys of ``network_data_format``.
         channel_def: output channel index (as a string) -> name or code object, from metadata.json.
     """
@@ -66,20 +68,29 @@ class BundleInfo:
     channel_def: dict = field(default_factory=dict)
 
     @property
+    def label_def(self) -> dict[int, Any]:
+        """Label-map value -> name or code object, background left out.
+
+        A softmax output (several channels) labels voxels with the channel index: ``channel_def`` as it is. A
+        single sigmoid channel labels them 1: its channel 0 is the foreground.
+        """
+        items = {int(k): v for k, v in self.channel_def.items()}
+        if self.out_channels == 1 or (len(items) == 1 and 0 in items):
+            first = items.get(0, "foreground")
+            return {} if _label_name(first, 1).strip().lower() in _BACKGROUND else {1: first}
+        return {k: v for k, v in items.items() if k != 0 and _label_name(v, k).strip().lower() not in _BACKGROUND}
+
+    @property
     def labels(self) -> dict[str, int]:
-        """Foreground labels ``{name: value}`` (background left out), the names lower-case."""
-        out = {}
-        for k, v in self.channel_def.items():
-            name = _label_name(v, int(k)).strip()
-            if int(k) != 0 and name.lower() not in _BACKGROUND:
-                out[name.lower()] = int(k)
-        return out
+        """Foreground labels ``{name: label-map value}``, the names lower-case."""
+        return {_label_name(v, k).strip().lower(): k for k, v in self.label_def.items()}
 
     def segments(self) -> list:
         """DICOM SEG segments with coded concepts (:func:`ulite_monai.io.dicom_seg.segments_from_channel_def`)."""
         from ulite_monai.io.dicom_seg import segments_from_channel_def
 
-        return segments_from_channel_def(self.channel_def, num_labels=max(1, (self.out_channels or 2) - 1))
+        label_def = {str(k): v for k, v in self.label_def.items()}
+        return segments_from_channel_def(label_def, num_labels=None if label_def else 1)
 
     @classmethod
     def from_config(cls, meta: Mapping, parser: Any) -> BundleInfo:
@@ -98,7 +109,8 @@ class BundleInfo:
             name=str(meta.get("name", "bundle")),
             version=str(meta.get("version", "0")),
             description=str(meta.get("description", "")),
-            spatial_dims=configured(("network_def#spatial_dims", "spatial_dims"), len(shape) if shape else None),
+            spatial_dims=configured(("input_spatial_dims", "network_def#spatial_dims", "spatial_dims"),
+                                    len(shape) if shape else None),
             in_channels=configured(("network_def#in_channels", "in_channels"), image_fmt.get("num_channels")),
             out_channels=configured(("network_def#out_channels", "out_channels"), pred_fmt.get("num_channels")),
             image_key=image_key,

@@ -7,9 +7,10 @@ Start it with ``make label-server`` or::
 
 Options (``--conf KEY VALUE`` of ``monailabel start_server``):
 
-- ``bundle``: bundle folder (default: ``bundles/ulite`` of this source tree).
+- ``bundle``: bundle folder (default: ``bundles/ulite`` of this source tree; ``bundles/ulite_2d`` serves the
+  paper's 2D model on PNG/JPEG/DICOM images).
 - ``configs``: comma-separated config files merged onto the bundle's inference.json and train.json,
-  e.g. ``configs/ulite_2d_paper.json`` for a 2D model.
+  e.g. ``bundles/ulite_2d/configs/inference_slicewise.json`` (the 2D model slice by slice).
 - ``model_dir``: where trained checkpoints are published (default: ``model/`` in this app folder).
 - ``fuse``: ``true``/``false``: run the BatchNorm-folded network (default: the config's ``use_fused``).
 - ``amp``: ``true``/``false``: fp16 autocast on CUDA (default: the config's ``amp``, on where CUDA is available).

@@ -3,7 +3,7 @@
     .venv-label/bin/python -m ulite_monai.label.serve                      # demo NIfTI folder, 127.0.0.1:8000
     .venv-label/bin/python -m ulite_monai.label.serve --studies DIR --port 8001
     .venv-label/bin/python -m ulite_monai.label.serve --studies http://127.0.0.1:8042/dicom-web
-    .venv-label/bin/python -m ulite_monai.label.serve --conf configs configs/ulite_2d_paper.json
+    .venv-label/bin/python -m ulite_monai.label.serve --conf bundle bundles/ulite_2d --studies /path/to/images
 
 It binds 127.0.0.1 unless ``--host`` says otherwise, puts this environment's ``bin`` (which holds dcmqi's
 ``itkimage2segimage``) first on PATH so MONAI Label downloads no tools, and then *becomes* the server
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="app option, e.g. --conf configs configs/ulite_2d_paper.json (see ulite_monai/label/main.py)")
+                   help="app option, e.g. --conf bundle bundles/ulite_2d (see ulite_monai/label/main.py)")
     p.add_argument("--demo-dir", default=str(Path.cwd() / "runs" / "label" / "studies"),
                    help="where the demo studies folder is made when --studies is not given")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
