@@ -226,12 +226,20 @@ def run_quality(
             torch.save(net.state_dict(), ckpt)
             log(f"[quality] {name}: Dice of {len(val_list)} validation case(s) through the bundle's inference "
                 "pipeline ...")
-            dice = _evaluate(mb, ckpt, val_list, dev, amp, Path(tmp) / name)
-            runs.append({"model": name, "label": _LABELS[name], "params": param_count(net), "steps": steps,
-                         "budget_used_s": used_s, "cpu_s": used_s if dev.type == "cpu" else None, "wall_s": wall_s,
-                         "last_loss": last_loss, "dice_per_case": dice, "dice_mean": sum(dice) / max(1, len(dice))})
-            log(f"[quality]   {steps} steps, {used_s:.0f} s {clock_name}, {wall_s:.0f} s wall, "
-                f"Dice {runs[-1]['dice_mean']:.3f}")
+            rec = {"model": name, "label": _LABELS[name], "params": param_count(net), "steps": steps,
+                   "budget_used_s": used_s, "cpu_s": used_s if dev.type == "cpu" else None, "wall_s": wall_s,
+                   "last_loss": last_loss, "status": "ok"}
+            try:
+                dice = _evaluate(mb, ckpt, val_list, dev, amp, Path(tmp) / name)
+                rec.update(dice_per_case=dice, dice_mean=sum(dice) / max(1, len(dice)))
+                log(f"[quality]   {steps} steps, {used_s:.0f} s {clock_name}, {wall_s:.0f} s wall, "
+                    f"Dice {rec['dice_mean']:.3f}")
+            except Exception as e:  # noqa: BLE001 - keep the other models' results; the report says what failed
+                rec.update(status="error", dice_per_case=[], dice_mean=None,
+                           note=f"evaluation through the bundle's pipeline failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:300]}")
+                log(f"[quality]   {rec['note']}")
+            runs.append(rec)
             del net, opt
     set_determinism(seed=None)
     p = parser.get_parsed_content

@@ -220,9 +220,9 @@ def _quality_table(q: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in q["runs"]:
         used = r.get("budget_used_s", r.get("cpu_s"))
+        per_case = ", ".join(f"{d:.3f}" for d in r.get("dice_per_case") or []) or r.get("note", "")
         lines.append(f"| {r['label']} | {_params(r.get('params'))} | {r['steps']} | {used:.0f} | "
-                     f"{r['wall_s']:.0f} | {r['dice_mean']:.3f} | "
-                     + ", ".join(f"{d:.3f}" for d in r["dice_per_case"]) + " |")
+                     f"{r['wall_s']:.0f} | {_f(r.get('dice_mean'), '{:.3f}')} | {per_case} |")
     lines.append("")
     return lines
 
