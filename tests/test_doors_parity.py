@@ -104,3 +104,58 @@ def test_every_door_gives_the_same_label(tmp_path):
         assert got.shape == ref.shape, name
         assert np.array_equal(got, ref), f"{name}: {(got != ref).sum()} voxels differ from monai.bundle run"
     assert np.array_equal(np.asarray(by_bench).squeeze(), ref), "bench pipeline differs from monai.bundle run"
+
+
+def test_every_door_gives_the_same_2d_label(tmp_path):
+    """The 2D bundle on a photo: monai.bundle run, the MONAI Label infer task and the bench agree pixel for pixel."""
+    ci_requires(label_env_problem())
+    from PIL import Image
+
+    src = REPO / "bundles" / "ulite_2d"
+    root = tmp_path / "bundle2d"
+    (root / "configs").mkdir(parents=True)
+    for f in (src / "configs").iterdir():
+        (root / "configs" / f.name).write_bytes(f.read_bytes())
+    override = tmp_path / "small.json"
+    override.write_text(json.dumps({"features": [8, 16, 32, 64], "image_size": [96, 96]}))
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:120, :150]
+    disc = ((yy - 50) / 30.0) ** 2 + ((xx - 90) / 40.0) ** 2 < 1
+    photo = np.stack([np.where(disc, 90, 200) + rng.normal(0, 12, disc.shape)] * 3, -1).clip(0, 255).astype(np.uint8)
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo).save(image)
+    bundle = Bundle(root, [override])
+    pipe = bundle.pipeline(random_weights=True, device="cpu", fuse=False, output_dir=tmp_path / "calib")
+    net = pipe.network
+    logits = pipe.predict(pipe.preprocess(str(image))["image"][None])
+    last = [m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1]
+    with torch.no_grad():
+        last.bias.sub_(float(logits.flatten().median()))
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         f"['{root}/configs/inference.json','{override}']", "--meta_file", f"{root}/configs/metadata.json",
+         "--bundle_root", str(root), "--ckpt_path", str(ckpt), "--input", str(image),
+         "--output_dir", str(tmp_path / "run"), "--device", "$torch.device('cpu')"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ref = np.asarray(Image.open(tmp_path / "run" / "photo_seg.png")) > 0
+    assert ref.shape == (120, 150) and 0.05 < ref.mean() < 0.95
+    assert (tmp_path / "run" / "photo_overlay.png").is_file()
+
+    model_dir = tmp_path / "label_model"
+    model_dir.mkdir()
+    (model_dir / "ulite.pt").write_bytes(ckpt.read_bytes())
+    out = json.loads(run_label_python(LABEL_SNIPPET, str(root), str(override), str(model_dir), str(image))
+                     .strip().splitlines()[-1])
+    assert out["label"].endswith(".png")
+    by_label = np.asarray(Image.open(out["label"])) > 0
+    assert by_label.shape == ref.shape and np.array_equal(by_label, ref), (by_label != ref).sum()
+
+    from ulite_monai.bench.quality import segment
+
+    by_bench = np.asarray(segment(bundle, ckpt, str(image), device="cpu")).squeeze()
+    assert np.array_equal(by_bench.T > 0, ref), "bench pipeline differs from monai.bundle run"

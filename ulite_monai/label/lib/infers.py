@@ -163,6 +163,9 @@ class ULiteInfer(BasicInferTask):
         return load_network(network, None, device, fuse=self.fuse), weights_id.removeprefix("sha256:")
 
     def writer(self, data: dict, extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+        if self.dimension == 2 and extension is None and not data.get("result_extension"):
+            # a 2D label as a lossless 8-bit PNG (MONAI Label would reuse the image's extension, e.g. JPEG)
+            extension, dtype = ".png", dtype or "uint8"
         result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
         cached = self._networks.get(data.get("device"))
         if cached:
