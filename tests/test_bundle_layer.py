@@ -128,9 +128,24 @@ def _state():
 def test_one_reader_for_every_layout(tmp_path, wrap):
     f = tmp_path / "ckpt.pt"
     torch.save(wrap(_state()), f)
-    state, digest = read_checkpoint(f)
+    state, digest = read_checkpoint(f, expected_keys=["w", "b"])
     assert list(state) == ["w", "b"] and torch.equal(state["w"], _state()["w"])
     assert digest == file_digest(f)
+
+
+def test_holder_prefix_is_kept_when_the_network_names_itself_so(tmp_path):
+    """MONAI's UNet names its parameters ``model.*``: its checkpoints must not lose that prefix."""
+    from monai.networks.nets import UNet
+
+    unet = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+    for saved in (unet.state_dict(), {"model": unet.state_dict()}, {f"module.{k}": v for k, v in unet.state_dict().items()}):
+        f = tmp_path / "unet.pt"
+        torch.save(saved, f)
+        fresh = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+        load_weights(fresh, f)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), unet.state_dict().values()))
+    torch.save({"module.w": torch.zeros(1), "module.model.b": torch.ones(1)}, f)
+    assert list(read_checkpoint(f)[0]) == ["w", "model.b"]  # without a target: wrappers only
 
 
 class _Payload:

@@ -153,7 +153,7 @@ class ULiteTrain(TrainTask):
         trainer = workflow.parser.get_parsed_content("train#trainer")
         best = os.path.join(overrides["ckpt_dir"], "model.pt")  # the bundle's CheckpointSaver: best val metric
         best = best if val_ds and os.path.isfile(best) else None
-        state = read_checkpoint(best)[0] if best else {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        state = read_checkpoint(best, expected_keys=network.state_dict().keys())[0] if best else {k: v.detach().cpu() for k, v in network.state_dict().items()}
         save_atomically(lambda tmp: torch.save(state, tmp), self.published_path)
         workflow.finalize()
 
