@@ -19,7 +19,8 @@
 #   PYTHON      interpreter (default: .venv/bin/python when present, else python3)
 #   SITE        where the wheels of .whl/ are installed when MONAI is missing (default /tmp/site)
 #   CUDA_TESTS  test files for `pytest -m cuda` (default: tests/test_networks*.py tests/test_bench*.py)
-#   T_TESTS T_TRAIN T_SPEED T_SW   time boxes in seconds per stage
+#   STAGES      which of "tests train speed sw" to run (default: all, in that order; setup always runs)
+#   T_SETUP T_TESTS T_TRAIN T_SPEED T_SW   time boxes in seconds per stage
 # Outputs in $OUT: benchmark.json, benchmark.md, latency_vs_params.png, training_step.png, environment.txt,
 # gpu_check.log. The exit status is non-zero when a stage failed or ran out of time (the others still ran).
 
@@ -36,6 +37,7 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
 SITE=${SITE:-/tmp/site}
+STAGES=" ${STAGES:-tests train speed sw} "
 export PYTHONUNBUFFERED=1 PYTHONUTF8=1 PYTHONDONTWRITEBYTECODE=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
@@ -130,7 +132,7 @@ cuda_tests() {
   return $rc
 }
 export -f cuda_tests
-stage tests "$T_TESTS" bash -c 'cuda_tests "$@"' cuda_tests "${tests[@]}"
+[[ $STAGES == *" tests "* ]] && stage tests "$T_TESTS" bash -c 'cuda_tests "$@"' cuda_tests "${tests[@]}"
 
 # --- the benchmark: training step, speed, sliding window (each stage adds its table to benchmark.json) ------------
 bench=("$PYTHON" -m ulite_monai.bench --device "$DEVICE" --amp "$AMP" --out "$OUT" --update)
@@ -145,9 +147,9 @@ else
   sw_args=(--sw-grid --sw-roi 64 96 128 --sw-batch 1 2 4 8 --sw-overlap 0.25 --sw-repeats 3)
 fi
 rm -f "$OUT/benchmark.json"  # --update keeps only what this run's stages measured
-stage train "$T_TRAIN" "${bench[@]}" --modes train "${train_args[@]}"
-stage speed "$T_SPEED" "${bench[@]}" --modes speed "${speed_args[@]}"
-stage sw "$T_SW" "${bench[@]}" --modes sw "${sw_args[@]}"
+[[ $STAGES == *" train "* ]] && stage train "$T_TRAIN" "${bench[@]}" --modes train "${train_args[@]}"
+[[ $STAGES == *" speed "* ]] && stage speed "$T_SPEED" "${bench[@]}" --modes speed "${speed_args[@]}"
+[[ $STAGES == *" sw "* ]] && stage sw "$T_SW" "${bench[@]}" --modes sw "${sw_args[@]}"
 
 # --- summary (the end of the output is what a device run returns) -------------------------------------------------
 echo

@@ -200,3 +200,29 @@ def test_segment_runs_a_monai_unet_checkpoint_through_the_bundle(tmp_path):
     seg = segment(BUNDLE, ckpt, img, overrides={"network_def": NETWORK_DEFS["monai-unet"], "pixdim": [2.0] * 3})
     assert seg.shape == (28, 30, 20) and seg.dtype == np.uint8
     assert set(np.unique(seg).tolist()) <= {0, 1}
+
+
+def test_in_process_gpu_procedures_run_on_the_cpu():
+    """The CUDA procedures of the speed and sliding-window modes (one process, timer and memory readings per
+    device) are device-agnostic: on the CPU they run the same code with wall-clock timing and zero GPU memory."""
+    from ulite_monai.bench.sliding import _runs_cuda
+    from ulite_monai.bench.speed import _run_speed_cuda
+
+    cpu = torch.device("cpu")
+    sp = _run_speed_cuda(["ulite", "ulite-fused", "ulite-onnx"], cpu, "none", dims_list=[2], repeats=3, repeats_3d=3,
+                         warmup=1, burst=2, throughput_batch=2, train_batch=2, train=True, size_2d=(32, 32),
+                         size_3d=(32, 32, 32), max_model_s=60, log=lambda m: None)
+    res = {r["model"]: r for r in sp["results"]}
+    assert res["ulite-onnx"]["status"] == "skipped" and "CPU only" in res["ulite-onnx"]["notes"][0]
+    for m in ("ulite", "ulite-fused"):
+        r = res[m]
+        assert r["status"] == "ok" and r["params"] == 878_417 and r["flops"] > 0
+        assert r["latency_bs1"]["n"] == 3 and r["latency_bs1_cold"]["n"] == 3 and r["throughput_per_s"] > 0
+        assert r["infer_peak_gpu_mb"] == pytest.approx(3 * 32 * 32 * 4 / 2**20)  # no GPU: only the input counts
+    assert res["ulite"]["train_step"]["n"] == 3 and "train_step" not in res["ulite-fused"]
+    assert [q["model"] for q in sp["ratios"]] == ["ulite-fused"]
+    base = {"roi_size": [32] * 3, "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian", "features": [8, 16, 32, 64, 128]}
+    runs = _runs_cuda(["ulite-fused", "ulite-onnx"], (40, 40, 32), [base], cpu, "none", 2, 60, lambda m: None)
+    assert [r["status"] for r in runs] == ["ok", "skipped"]
+    assert len(runs[0]["wall_s_runs"]) == 2 and runs[0]["peak_gpu_mb"] == 0
+    assert runs[0]["features"] == [8, 16, 32, 64, 128] and runs[0]["params"] < 200_000  # the fused bundle widths
