@@ -149,7 +149,7 @@ def test_worker_segments_one_item_and_keeps_errors_in_the_result(tmp_path):
     with pytest.raises(type(bad.error)):
         worker.process(bad)
     vol = worker.process(worker.load(by_key["file:vol a.nii.gz"]))
-    assert vol["outputs"] == {"nifti": "volumes/vol_a.nii.gz"} and vol["status"] == "done"
+    assert vol["outputs"] == {"nifti": "volumes/vol_a.nii.gz", "qc": "volumes/vol_a.qc.png"} and vol["status"] == "done"
     import nibabel as nib
 
     assert nib.load(str(out / vol["outputs"]["nifti"])).shape == (12, 10, 9)  # the input's grid

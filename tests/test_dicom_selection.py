@@ -31,7 +31,8 @@ def _series(study="1.1", uid="1.1.1", modality="CT", n=20, iop=(1, 0, 0, 0, 1, 0
 
 def _uids(rules, series, **kw):
     selected, why = SeriesSelector(rules, **kw).select(series)
-    return [s.series.series_uid for s in selected], why
+    by_key = {s.key: s.series_uid for s in series}  # reasons are keyed by study + series
+    return [s.series.series_uid for s in selected], {by_key[k]: v for k, v in why.items()}
 
 
 def test_default_rules_take_ct_and_mr_with_enough_slices():

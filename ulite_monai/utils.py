@@ -17,6 +17,7 @@ def save_atomically(save: Callable[[str], object], path: str | os.PathLike) -> s
 
     Readers never see a half-written file; on error the temp file is removed and ``path`` is untouched.
     The temp file keeps ``path``'s suffix (e.g. ``.nii.gz``) so suffix-driven writers pick the right format.
+    The file gets the mode a plain ``open()`` would give it (0666 less the umask), not the temp file's 0600.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -27,11 +28,26 @@ def save_atomically(save: Callable[[str], object], path: str | os.PathLike) -> s
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the fallback only)
+    os.umask(mask)
+    return mask
 
 
 def save_json_atomically(obj, path: str | os.PathLike, indent: int | None = 2) -> str:

@@ -5,6 +5,11 @@ Example::
 
     ulite-dicom /data/exports /data/results --bundle bundles/ulite --device cuda
     python -m ulite_monai.batch /data/exports /data/results --formats seg --overwrite
+    ulite-dicom --from dicomweb://pacs.example.org/dicom-web --study-date 20240101-20240131 --modality CT \
+        /data/results --push dicomweb://pacs.example.org/dicom-web --push dimse://ARCHIVE@10.0.0.5:104
+
+Exit status: 0 all fine; 1 finished, some series failed; 2 bad arguments, bundle or PACS query;
+3 the output folder cannot be written; 4 finished, every series fine but some objects not pushed.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Reruns resume: series already done with the same model version are skipped."
         ),
     )
-    p.add_argument("input", type=Path, help="folder tree of DICOM files and/or NIfTI/NRRD/MHA volumes (or one file)")
+    p.add_argument("input", type=Path, nargs="?", default=None,
+                   help="folder tree of DICOM files and/or NIfTI/NRRD/MHA volumes (or one file); not with --from")
     p.add_argument("output", type=Path, help="output folder (created); holds manifest.jsonl and the results")
     p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: bundles/ulite)")
     p.add_argument(
@@ -63,7 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore checkpoints, use a seeded random initialisation (smoke tests, throughput only)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo series already done with this model version")
-    p.add_argument("--formats", default="seg,nifti", help="comma-separated outputs: seg, nifti (default: seg,nifti)")
+    p.add_argument("--formats", default="seg,nifti,qc",
+                   help="comma-separated outputs: seg, nifti, rtstruct, sr (needs seg), qc (default: seg,nifti,qc)")
+    p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary",
+                   help="DICOM SEG encoding: binary (default, every viewer) or labelmap (one frame per plane, newer readers)")
+    p.add_argument("--position-tolerance", type=float, default=None, metavar="FRACTION",
+                   help="plane position rounding tolerated, as a fraction of the pixel spacing (default 0.2)")
+    q = p.add_argument_group("QC flag (needs_review in the manifest)")
+    q.add_argument("--review-max-fraction", type=float, default=0.5, help="segmented share of the volume (default 0.5)")
+    q.add_argument("--review-min-probability", type=float, default=0.8,
+                   help="mean foreground probability below this needs review (default 0.8)")
+    q.add_argument("--review-max-entropy", type=float, default=0.5,
+                   help="mean normalised foreground entropy above this needs review (default 0.5)")
+    r = p.add_argument_group("PACS (credentials: ULITE_PACS_TOKEN, ULITE_PACS_USER/ULITE_PACS_PASSWORD or netrc)")
+    r.add_argument("--from", dest="source", metavar="URL",
+                   help="pull from a DICOMweb server (dicomweb://HOST/PATH is HTTPS; http:// for loopback/test servers)")
+    r.add_argument("--study-uid", action="append", default=[], help="QIDO: StudyInstanceUID (repeatable)")
+    r.add_argument("--series-uid", action="append", default=[], help="QIDO: SeriesInstanceUID (repeatable)")
+    r.add_argument("--patient-id", help="QIDO: PatientID")
+    r.add_argument("--study-date", help="QIDO: StudyDate, YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    r.add_argument("--modality", help="QIDO: Modality of the series, e.g. CT")
+    r.add_argument("--series-description", help="QIDO: SeriesDescription (* wildcards)")
+    r.add_argument("--push", action="append", default=[], metavar="URL",
+                   help="send SEG/RTSTRUCT/SR to a DICOMweb server (STOW-RS) or dimse://AE@HOST:PORT (C-STORE); "
+                   "repeatable")
+    r.add_argument("--ca-bundle", help="CA certificate(s) to verify the servers' TLS certificates with")
+    r.add_argument("--netrc", help="netrc file with credentials (default: $NETRC or ~/.netrc)")
+    r.add_argument("--retries", type=int, default=3, help="attempts per download/push (default 3)")
     p.add_argument("--no-prefetch", action="store_true", help="read each series only when the previous one is finished")
     p.add_argument("--no-fuse", action="store_true",
                    help="run the network as defined (no BatchNorm folding); default: the config's use_fused")
@@ -95,14 +127,33 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-    from ulite_monai.batch.runner import BatchOptions, run_batch
+    from ulite_monai.batch.qc import ReviewRules
+    from ulite_monai.batch.runner import BatchOptions, OutputFolderError, run_batch
     from ulite_monai.io.series_selection import load_selection_rules
 
     if not args.verbose:  # SaveImaged logs every file it writes; the manifest already records them
         logging.getLogger("monai.data.image_writer").setLevel(logging.WARNING)
         logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
-    if not args.input.exists():
+    source = push = None
+    try:
+        from ulite_monai.io.pacs import parse_address
+
+        source = parse_address(args.source) if args.source else None
+        push = [parse_address(u) for u in args.push]
+    except ValueError as e:
+        print(f"ulite-dicom: {e}", file=sys.stderr)
+        return 2
+    if source is not None and source.kind != "dicomweb":
+        print("ulite-dicom: --from takes a DICOMweb address (dicomweb://, https://, http://)", file=sys.stderr)
+        return 2
+    if source is None and args.input is None:
+        print("ulite-dicom: give an INPUT folder or --from URL", file=sys.stderr)
+        return 2
+    if source is not None and args.input is not None:
+        print("ulite-dicom: give either an INPUT folder or --from URL, not both", file=sys.stderr)
+        return 2
+    if source is None and not args.input.exists():
         print(f"ulite-dicom: input {args.input} does not exist", file=sys.stderr)
         return 2
     rules = None
@@ -142,19 +193,42 @@ def main(argv: list[str] | None = None) -> int:
         amp=False if args.no_amp else None,
         max_gap_ratio=args.max_gap_ratio,
         overrides=overrides,
+        seg_type=args.seg_type,
+        review=ReviewRules(args.review_max_fraction, args.review_min_probability, args.review_max_entropy),
+        source=source,
+        study_filters={k: v for k, v in (("PatientID", args.patient_id), ("StudyDate", args.study_date)) if v},
+        series_filters={k: v for k, v in (("Modality", args.modality), ("SeriesDescription", args.series_description),
+                                          ("SeriesInstanceUID", args.series_uid or None)) if v},
+        study_uids=args.study_uid,
+        push=push,
+        ca_bundle=args.ca_bundle,
+        netrc_file=args.netrc,
+        attempts=max(1, args.retries),
     )
+    if args.position_tolerance is not None:
+        opts.position_tolerance = args.position_tolerance
     try:
         summary = run_batch(opts)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+    except OutputFolderError as e:
+        print(f"ulite-dicom: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:
+        if e.filename and Path(args.output).resolve() in [Path(e.filename).resolve(), *Path(e.filename).resolve().parents]:
+            print(f"ulite-dicom: cannot write the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
+            return 3
+        print(f"ulite-dicom: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError, RuntimeError) as e:
         print(f"ulite-dicom: {e}", file=sys.stderr)
         return 2
     c = summary["counts"]
+    pushed = f", {c['push_failed']} with objects not pushed" if args.push else ""
     print(
         f"ulite-dicom: {c['done']} done, {c['empty']} empty, {c['failed']} failed, {c['skipped']} skipped, "
-        f"{c['already_done']} already done; {summary['series_per_minute'] or 0} series/min; "
-        f"manifest {Path(args.output) / 'manifest.jsonl'}"
+        f"{c['already_done']} already done, {c['needs_review']} need review{pushed}; "
+        f"{summary['series_per_minute'] or 0} series/min; manifest {Path(args.output) / 'manifest.jsonl'}"
     )
-    return 1 if c["failed"] else 0
+    return 1 if c["failed"] else 4 if c["push_failed"] else 0
 
 
 if __name__ == "__main__":

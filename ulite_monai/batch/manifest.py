@@ -52,7 +52,11 @@ class Manifest:
 
     def is_finished(self, key: str, model_version: str, root: Path) -> bool:
         """True when ``key`` is done/empty with ``model_version`` and all its outputs exist."""
-        row = self.rows.get(key)
+        return self.row_finished(self.rows.get(key), model_version, root)
+
+    @staticmethod
+    def row_finished(row: dict | None, model_version: str, root: Path) -> bool:
+        """True when ``row`` is done/empty with ``model_version`` and all its outputs exist."""
         if not row or row.get("status") not in FINISHED or row.get("model_version") != model_version:
             return False
         return all((root / p).is_file() for p in (row.get("outputs") or {}).values() if p)

@@ -2,11 +2,15 @@
 """Planning a batch: discover the inputs, select series, name outputs, decide what a rerun redoes.
 
 Output names come from sanitised UIDs (DICOM) or the input's relative path (volume files), never from tag
-text. The plan also yields a ``skipped`` manifest row for every file or series not taken, with the reason.
+text. Two inputs whose names collide (``dup.nii.gz`` and ``dup.nrrd``, ``a b`` and ``a_b``, names differing in
+case only) or a name an earlier run gave another input get ``<name>__<hash of the key>`` instead, so no two
+inputs ever share an output. The plan also yields a ``skipped`` manifest row for every file or series not
+taken, with the reason. The batch's own output folder is never read as input.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +20,19 @@ from ulite_monai.batch.manifest import Manifest
 from ulite_monai.io.dicom_series import DicomSeries, discover_inputs, sanitize_name
 from ulite_monai.io.series_selection import SeriesSelector
 
-__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "VOLUME_SUFFIXES"]
+__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "output_stem", "VOLUME_SUFFIXES", "OUTPUT_SUFFIXES"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# every output a series can have: <out_stem><suffix>
+OUTPUT_SUFFIXES = (".seg.dcm", ".rtstruct.dcm", ".sr.dcm", ".qc.png", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def output_stem(rel_path: str) -> str:
+    """``a/b.seg.dcm`` -> ``a/b``: an output path without its output suffix."""
+    for suf in OUTPUT_SUFFIXES:
+        if rel_path.lower().endswith(suf):
+            return rel_path[: -len(suf)]
+    return rel_path
 
 
 @dataclass
@@ -32,6 +46,10 @@ class WorkItem:
         series: the DICOM series (``kind == "dicom"``).
         path: the volume file (``kind == "file"``).
         selection: the selection rule that took it.
+        previous_outputs: output paths (relative to the output folder) of this key's last manifest row; a
+            new result replaces them all.
+        source: where the series comes from when not a local folder (a DICOMweb series URL).
+        remote: the series is downloaded when read (``batch/remote.py``).
     """
 
     key: str
@@ -40,6 +58,12 @@ class WorkItem:
     series: DicomSeries | None = None
     path: str | None = None
     selection: str = ""
+    previous_outputs: list[str] = field(default_factory=list)
+    source: str = ""
+    remote: bool = False
+    download_dir: str | None = None
+    download_s: float = 0.0
+    downloaded_bytes: int = 0
 
 
 @dataclass
@@ -62,7 +86,7 @@ def item_row(item: WorkItem) -> dict[str, Any]:
             series_uid=s.series_uid,
             modality=s.modality,
             series_description=s.description[:64],
-            input=os.path.dirname(s.files[0]) if s.files else "",
+            input=item.source or (os.path.dirname(s.files[0]) if s.files else ""),
             slices=s.num_slices,
         )
     else:
@@ -80,6 +104,31 @@ def _volume_stem(rel: str) -> str:
     return "volumes/" + "/".join(sanitize_name(part) for part in Path(base).parts)
 
 
+def _unique_stems(items: list[WorkItem], manifest: Manifest) -> None:
+    """Give colliding output names (case-insensitively, also against earlier runs' rows) a hash suffix."""
+    claimed: dict[str, set[str]] = {}
+    for key, row in manifest.rows.items():
+        for p in (row.get("outputs") or {}).values():
+            if p:
+                claimed.setdefault(output_stem(p).casefold(), set()).add(key)
+    count: dict[str, int] = {}
+    for it in items:
+        count[it.out_stem.casefold()] = count.get(it.out_stem.casefold(), 0) + 1
+    for it in items:
+        stem = it.out_stem.casefold()
+        own = {it.key} | ({it.series.legacy_key} if it.series is not None else set())
+        if count[stem] > 1 or claimed.get(stem, set()) - own:
+            it.out_stem = f"{it.out_stem}__{hashlib.sha1(it.key.encode()).hexdigest()[:8]}"
+
+
+def _previous_row(manifest: Manifest, item: WorkItem) -> dict | None:
+    row = manifest.rows.get(item.key)
+    if row is None and item.series is not None:  # manifests written before keys carried the study UID
+        old = manifest.rows.get(item.series.legacy_key)
+        row = old if old and old.get("study_uid") == item.series.study_uid else None
+    return row
+
+
 def plan_batch(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -93,7 +142,7 @@ def plan_batch(
 
     Args:
         input_dir: a folder tree of DICOM files and volume files, or one file.
-        output_dir: the batch output folder (finished outputs are looked up there).
+        output_dir: the batch output folder (finished outputs are looked up there; never read as input).
         manifest: the output folder's manifest (earlier runs).
         model_version: the pipeline's model version; a series finished with another one is redone.
         rules: MONAI Deploy selection rules (parsed); ``None`` takes every image series.
@@ -104,7 +153,7 @@ def plan_batch(
 
     t0 = time.perf_counter()
     plan = Plan()
-    found = discover_inputs(input_dir)
+    found = discover_inputs(input_dir, exclude=[output_dir])
     selected, not_selected = SeriesSelector(rules, all_matched=all_matched).select(found.series)
     in_root = Path(input_dir)
     for sk in found.skipped:
@@ -119,9 +168,9 @@ def plan_batch(
             "reason": sk.reason,
         })
     for s in found.series:
-        if s.series_uid in not_selected:
+        if s.key in not_selected:
             row = item_row(WorkItem(s.key, "dicom", "", series=s))
-            plan.skipped.append({**row, "status": "skipped", "reason": not_selected[s.series_uid]})
+            plan.skipped.append({**row, "status": "skipped", "reason": not_selected[s.key]})
     items = [
         WorkItem(sel.series.key, "dicom", f"{sanitize_name(sel.series.study_uid)}/{sanitize_name(sel.series.series_uid)}",
                  series=sel.series, selection=sel.selection_name)
@@ -130,8 +179,11 @@ def plan_batch(
     for p in found.volume_files:
         rel = os.path.relpath(p, in_root) if in_root.is_dir() else os.path.basename(p)
         items.append(WorkItem(f"file:{rel}", "file", _volume_stem(rel), path=p, selection="volume file"))
+    _unique_stems(items, manifest)
     for it in items:
-        if not overwrite and manifest.is_finished(it.key, model_version, Path(output_dir)):
+        prev = _previous_row(manifest, it)
+        it.previous_outputs = [p for p in (prev or {}).get("outputs", {}).values() if p]
+        if not overwrite and prev is not None and manifest.row_finished(prev, model_version, Path(output_dir)):
             plan.already_done += 1
         else:
             plan.todo.append(it)

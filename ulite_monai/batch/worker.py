@@ -14,21 +14,27 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ulite_monai.batch.plan import WorkItem, item_row
+from ulite_monai.batch.plan import OUTPUT_SUFFIXES, WorkItem, item_row
+from ulite_monai.batch.remote import remove_download
+from ulite_monai.batch.qc import ConfidenceProbe, ReviewRules, review_reasons, write_preview
 from ulite_monai.bundle import InferencePipeline
-from ulite_monai.io.dicom_seg import write_dicom_seg
-from ulite_monai.io.dicom_series import SeriesVolume, load_series_volume, sanitize_name
+from ulite_monai.io.dicom_seg import build_dicom_seg
+from ulite_monai.io.dicom_series import POSITION_TOLERANCE, SeriesVolume, load_series_volume
+from ulite_monai.io.rtstruct import write_rtstruct
+from ulite_monai.io.sr import write_volume_report
 from ulite_monai.utils import save_atomically
 
-__all__ = ["Loaded", "SeriesWorker", "label_array", "to_volume_order", "FORMATS"]
+__all__ = ["Loaded", "SeriesWorker", "label_array", "to_volume_order", "FORMATS", "DEFAULT_FORMATS"]
 
-FORMATS = ("seg", "nifti")
+FORMATS = ("seg", "nifti", "rtstruct", "sr", "qc")
+DEFAULT_FORMATS = ("seg", "nifti", "qc")
 _LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
@@ -98,19 +104,28 @@ class SeriesWorker:
         output_dir: the batch output folder.
         tmp_dir: the batch's temporary folder (series converted for the reader go there).
         staging: the folder the pipeline's ``SaveImaged`` writes into.
-        formats: outputs to write (``seg``, ``nifti``).
+        formats: outputs to write (:data:`FORMATS`: ``seg``, ``nifti``, ``rtstruct``, ``sr``, ``qc``).
         max_gap_ratio: largest/smallest slice gap of a series still resampled.
-        software_version: recorded in the SEG.
+        software_version: recorded in the DICOM outputs.
+        position_tolerance: plane position scatter/drift tolerated, as a fraction of the pixel spacing.
+        seg_type: ``binary`` or ``labelmap`` SEG.
+        review: thresholds of the ``needs_review`` flag.
+        fetch: called with a work item before it is read (e.g. a PACS download); returns the item to read.
     """
 
     def __init__(self, pipeline: InferencePipeline, output_dir: Path, tmp_dir: Path, staging: Path,
-                 formats: Sequence[str] = FORMATS, max_gap_ratio: float = 3.0, software_version: str = "") -> None:
+                 formats: Sequence[str] = DEFAULT_FORMATS, max_gap_ratio: float = 3.0, software_version: str = "",
+                 position_tolerance: float = POSITION_TOLERANCE, seg_type: str = "binary",
+                 review: ReviewRules | None = None, fetch: Callable[[WorkItem], WorkItem] | None = None) -> None:
         self.pipeline, self.out, self.tmp_dir, self.staging = pipeline, Path(output_dir), Path(tmp_dir), Path(staging)
         self.formats = tuple(formats)
-        self.max_gap_ratio = max_gap_ratio
-        self.software_version = software_version
+        self.max_gap_ratio, self.position_tolerance = max_gap_ratio, position_tolerance
+        self.software_version, self.seg_type = software_version, seg_type
+        self.review = review or ReviewRules()
+        self.fetch = fetch
         self.segments = pipeline.info.segments()
         self.names = {s.number: s.label for s in self.segments}
+        self.probe = ConfidenceProbe(pipeline)
 
     def load(self, item: WorkItem) -> Loaded:
         """Read the item (a DICOM series is converted to a temporary NRRD) and run the bundle's preprocessing.
@@ -118,12 +133,14 @@ class SeriesWorker:
         res = Loaded(item)
         t = time.perf_counter()
         try:
+            if self.fetch is not None:
+                res.item = item = self.fetch(item)
             image_path = item.path
             if item.kind == "dicom":
                 import SimpleITK as sitk
 
-                res.volume = load_series_volume(item.series, max_gap_ratio=self.max_gap_ratio)
-                res.temp_path = self.tmp_dir / f"{sanitize_name(item.series.series_uid)}.nrrd"
+                res.volume = load_series_volume(item.series, self.max_gap_ratio, self.position_tolerance)
+                res.temp_path = self.tmp_dir / f"{uuid.uuid4().hex}.nrrd"  # unique: one UID may be in two studies
                 sitk.WriteImage(res.volume.to_sitk(), str(res.temp_path), useCompression=False)
                 image_path = str(res.temp_path)
             res.read_s = time.perf_counter() - t
@@ -141,15 +158,17 @@ class SeriesWorker:
         row = item_row(ld.item)
         row["model_version"] = self.pipeline.model_version
         output, model_s, post_s = self.pipeline.infer_and_postprocess(ld.data)
+        conf = dict(self.probe.last)
         t = time.perf_counter()
         pred = output[self.pipeline.info.pred_key]
         labels = label_array(pred)
         pred_affine = np.asarray(pred.affine, dtype=np.float64) if hasattr(pred, "affine") else None
-        if ld.volume is not None:
-            vol = ld.volume
+        vol = ld.volume
+        if vol is not None:
             labels = to_volume_order(labels, pred_affine, vol.affine_ras, vol.array.shape)
             voxel_ml = float(np.prod(vol.spacing)) / 1000.0
-            row.update(shape=list(vol.array.shape), spacing_mm=[round(float(v), 6) for v in vol.spacing])
+            row.update(shape=list(vol.array.shape), spacing_mm=[round(float(v), 6) for v in vol.spacing],
+                       geometry=vol.geometry)
             if vol.notes:
                 row["notes"] = vol.notes
         else:
@@ -157,28 +176,76 @@ class SeriesWorker:
             row["shape"] = list(labels.shape)
         row["volumes_ml"] = {self.names[n]: round(float(np.sum(labels == n)) * voxel_ml, 3) for n in self.names}
         empty = not any(np.any(labels == n) for n in self.names)
-        row["outputs"] = self._write(ld, labels, pred_affine, empty)
+        reasons = review_reasons(labels, self.names, conf, bool(vol is not None and vol.resampled), self.review)
+        row.update(needs_review=bool(reasons), review_reasons=reasons, confidence=conf)
+        row["outputs"], extra = self._write(ld, labels, pred_affine, empty, reasons)
+        row.update(extra)
         row["status"] = "empty" if empty else "done"
         row["reason"] = "no voxel predicted for any label (no SEG written)" if empty else ""
         row["timings_s"] = {"read": round(ld.read_s, 4), "preprocess": round(ld.preprocess_s, 4),
                             "model": round(model_s, 4), "postprocess": round(post_s, 4),
                             "write": round(time.perf_counter() - t, 4)}
+        if ld.item.remote:
+            row["timings_s"]["download"] = round(ld.item.download_s, 4)  # part of "read"
+            row["downloaded_bytes"] = ld.item.downloaded_bytes
         return row
 
-    def _write(self, ld: Loaded, labels: np.ndarray, pred_affine, empty: bool) -> dict[str, str]:
+    def _write(self, ld: Loaded, labels: np.ndarray, pred_affine, empty: bool, reasons: list[str]):
+        """Write the requested outputs; their paths (relative to the output folder) and extra row fields.
+        Whatever this key had before and did not write now (an older SEG beside a new empty result) goes."""
         staged = sorted(p for p in self.staging.rglob("*") if p.is_file())
-        final_stem = self.out / ld.item.out_stem
-        final_stem.parent.mkdir(parents=True, exist_ok=True)
-        outputs: dict[str, str] = {}
+        stem = self.out / ld.item.out_stem
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        outputs: dict[str, Path] = {}
+        extra: dict[str, Any] = {}
         if "nifti" in self.formats:
-            outputs["nifti"] = os.path.relpath(self._place_label_file(staged, final_stem, labels, ld, pred_affine),
-                                               self.out)
-        if "seg" in self.formats and ld.volume is not None and not empty:
-            seg = write_dicom_seg(labels, ld.volume, self.segments, final_stem.with_name(final_stem.name + ".seg.dcm"),
-                                  algorithm_name=self.pipeline.name, algorithm_version=self.pipeline.version,
+            outputs["nifti"] = self._place_label_file(staged, stem, labels, ld, pred_affine)
+        vol, info = ld.volume, self.pipeline
+        dicom_out = vol is not None and not empty
+        if dicom_out and "seg" in self.formats:
+            seg = build_dicom_seg(labels, vol, self.segments, info.name, info.version, seg_type=self.seg_type,
                                   software_version=self.software_version)
-            outputs["seg"] = os.path.relpath(seg, self.out)
-        return outputs
+            outputs["seg"] = stem.with_name(stem.name + ".seg.dcm")
+            save_atomically(seg.save_as, outputs["seg"])
+            extra.update(seg_type=self.seg_type, seg_frames=int(seg.NumberOfFrames))
+            if "sr" in self.formats:
+                outputs["sr"] = write_volume_report(seg, labels, vol, self.segments, stem.with_name(stem.name + ".sr.dcm"),
+                                                    info.name, info.version)
+        if dicom_out and "rtstruct" in self.formats:
+            rt = write_rtstruct(labels, vol, self.segments, stem.with_name(stem.name + ".rtstruct.dcm"), info.name,
+                                info.version)
+            if rt is not None:
+                outputs["rtstruct"] = rt
+        if "qc" in self.formats:
+            image, lab, spacing = self._preview_arrays(ld, labels)
+            title = f"{ld.item.key}  " + ("NEEDS REVIEW: " + "; ".join(reasons) if reasons else "no review flag")
+            outputs["qc"] = write_preview(image, lab, spacing, stem.with_name(stem.name + ".qc.png"), title)
+        rel = {k: os.path.relpath(v, self.out) for k, v in outputs.items()}
+        self.remove_outputs(ld.item, keep=rel.values())
+        return rel, extra
+
+    def remove_outputs(self, item: WorkItem, keep=()) -> None:
+        """Delete this item's earlier outputs (its last row's, and any output name at its stem) except ``keep``."""
+        keep = {os.path.normpath(k) for k in keep}
+        candidates = set(item.previous_outputs) | {item.out_stem + suf for suf in OUTPUT_SUFFIXES}
+        for rel in candidates:
+            if os.path.normpath(rel) not in keep:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    (self.out / rel).unlink()
+
+    @staticmethod
+    def _preview_arrays(ld: Loaded, labels: np.ndarray):
+        """Image, labels ([slice, row, column]) and (column, row, slice) spacing for the preview."""
+        if ld.volume is not None:
+            return ld.volume.array, labels, ld.volume.spacing
+        from ulite_monai.io.sitk_reader import read_sitk_image
+        import SimpleITK as sitk
+
+        img = read_sitk_image(ld.item.path)
+        arr = sitk.GetArrayFromImage(img)
+        arr = arr if arr.ndim == 3 else arr.reshape((1,) * (3 - arr.ndim) + arr.shape[-2:])
+        lab = labels.transpose(2, 1, 0) if labels.ndim == 3 else labels.T[None]
+        return arr, lab, img.GetSpacing()[:3] if img.GetDimension() >= 3 else (*img.GetSpacing(), 1.0)
 
     @staticmethod
     def _place_label_file(staged: list[Path], final_stem: Path, labels: np.ndarray, ld: Loaded, pred_affine) -> Path:
@@ -208,7 +275,8 @@ class SeriesWorker:
         return dest
 
     def cleanup(self, ld: Loaded) -> None:
-        """Remove the item's temporary files and whatever the bundle staged; drop its arrays."""
+        """Remove the item's temporary files (a downloaded series too) and whatever the bundle staged."""
+        remove_download(ld.item)
         if ld.temp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 ld.temp_path.unlink()

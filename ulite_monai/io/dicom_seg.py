@@ -29,7 +29,8 @@ import numpy as np
 from ulite_monai.io.dicom_series import SeriesVolume
 from ulite_monai.utils import save_atomically
 
-__all__ = ["SegmentInfo", "segments_from_channel_def", "write_dicom_seg", "label_volume_to_source_frames"]
+__all__ = ["SegmentInfo", "SEG_TYPES", "segments_from_channel_def", "build_dicom_seg", "write_dicom_seg",
+           "label_volume_to_source_frames"]
 
 _BACKGROUND = {"background", "bg", "_background_", "none", "other"}
 _ABNORMAL = {"lesion", "tumor", "tumour", "neoplasm", "mass", "nodule", "cyst", "metastasis", "abnormal"}
@@ -124,29 +125,32 @@ def label_volume_to_source_frames(labels: np.ndarray, volume: SeriesVolume) -> t
     return [volume.datasets[volume.frames[0].sop_instance_uid]], out
 
 
-def write_dicom_seg(
+SEG_TYPES = ("binary", "labelmap")
+
+
+def build_dicom_seg(
     labels: np.ndarray,
     volume: SeriesVolume,
     segments: Sequence[SegmentInfo],
-    out_path: str | os.PathLike,
     algorithm_name: str,
     algorithm_version: str,
+    seg_type: str = "binary",
     series_number: int = 9901,
     series_description: str = "ulite-monai segmentation",
     manufacturer: str = "ulite-monai",
     software_version: str | None = None,
-) -> Path | None:
-    """Write a binary DICOM SEG for ``labels`` (indexed like ``volume.array``); atomically.
+):
+    """The SEG for ``labels`` (indexed like ``volume.array``) as a highdicom ``Segmentation``, or None if empty.
 
     Args:
         labels: integer label volume; value ``s.number`` marks segment ``s``.
         volume: the series volume the labels belong to (source datasets and frame mapping).
-        segments: segments to encode (labels without a segment are dropped).
-        out_path: destination file; written to a temporary file in the same folder, then renamed.
+        segments: segments to encode (labels without a segment are dropped); SEG segment ``i`` (1-based) is
+            ``segments[i - 1]``.
         algorithm_name, algorithm_version: recorded in each segment's algorithm identification.
-
-    Returns:
-        the written path, or None if no voxel belongs to any segment (nothing is written).
+        seg_type: ``"binary"`` (one frame per segment and source plane that holds it; every viewer reads it) or
+            ``"labelmap"`` (Label Map Segmentation Storage, DICOM 2024: one frame per source plane holding
+            any label, the label value per pixel; compact for multi-class results, newer readers only).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -154,6 +158,8 @@ def write_dicom_seg(
 
     if not segments:
         raise ValueError("no segments to write: the bundle metadata names no foreground label")
+    if seg_type not in SEG_TYPES:
+        raise ValueError(f"unknown SEG type {seg_type!r}; choose from {SEG_TYPES}")
     sources, frames = label_volume_to_source_frames(np.asarray(labels), volume)
     numbers = [s.number for s in segments]
     frames = np.where(np.isin(frames, numbers), frames, 0)
@@ -179,10 +185,11 @@ def write_dicom_seg(
         )
         for i, s in enumerate(segments, start=1)
     ]
-    seg = hd.seg.Segmentation(
+    kind = hd.seg.SegmentationTypeValues.LABELMAP if seg_type == "labelmap" else hd.seg.SegmentationTypeValues.BINARY
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=kind,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),
         series_number=series_number,
@@ -196,6 +203,31 @@ def write_dicom_seg(
         content_label="SEGMENTATION",
         series_description=series_description[:64],
     )
+
+
+def write_dicom_seg(
+    labels: np.ndarray,
+    volume: SeriesVolume,
+    segments: Sequence[SegmentInfo],
+    out_path: str | os.PathLike,
+    algorithm_name: str,
+    algorithm_version: str,
+    series_number: int = 9901,
+    series_description: str = "ulite-monai segmentation",
+    manufacturer: str = "ulite-monai",
+    software_version: str | None = None,
+    seg_type: str = "binary",
+) -> Path | None:
+    """Write the DICOM SEG of :func:`build_dicom_seg` to ``out_path`` (temporary file + rename).
+
+    Returns:
+        the written path, or None if no voxel belongs to any segment (nothing is written).
+    """
+    seg = build_dicom_seg(labels, volume, segments, algorithm_name, algorithm_version, seg_type=seg_type,
+                          series_number=series_number, series_description=series_description,
+                          manufacturer=manufacturer, software_version=software_version)
+    if seg is None:
+        return None
     out_path = Path(out_path)
     save_atomically(seg.save_as, out_path)
     return out_path

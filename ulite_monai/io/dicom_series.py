@@ -13,7 +13,17 @@ Geometry policy (each rule gives the reason in the error or in ``SeriesVolume.no
   rejected (``mixed orientations``); export the sub-series separately.
 * several planes at the same position (multi-echo, multi-phase, repeated acquisitions):
   rejected; identical copies of one SOP instance are de-duplicated silently.
-* positions that do not lie on the slice normal (gantry tilt, sheared stacks): rejected.
+* positions off the slice normal: scanners round ImagePositionPatient (often to 0.1 mm), so planes may sit
+  a little off the ideal stack. A line is fitted through the positions; scatter and drift within
+  ``position_tolerance`` x the smallest pixel spacing (default 0.2 voxel) are tolerated and noted (the grid
+  is the fitted one); a systematic drift beyond it (gantry tilt, sheared stack) or a larger scatter is
+  rejected with the measured drift and tilt angle.
+* MONOCHROME1: pixel values are used as stored, with the modality rescale (the photometric
+  interpretation only inverts the display), so a MONOCHROME1 series gives the same HU as its
+  MONOCHROME2 twin.
+* a damaged instance (header cut short or pixel data unreadable) fails its series, naming the file:
+  the series is not segmented with a gap or an interpolated plane. A file whose header lost its UIDs
+  is tied to the series whose files share its folder.
 * uneven slice gaps (a missing slice, variable-thickness protocols): resampled with linear
   interpolation onto a regular grid with the smallest gap, when the largest gap is at most
   ``max_gap_ratio`` times the smallest; rejected otherwise. The segmentation is mapped back
@@ -72,6 +82,8 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 _POS_TOL_MM = 1e-3  # positions closer than this are "the same position"
+POSITION_TOLERANCE = 0.2  # default: tolerated position scatter/drift, as a fraction of the smallest pixel spacing
+OUTPUT_MARKER = ".ulite-dicom.lock"  # a folder holding this file is a batch output folder, never an input
 _ORIENT_TOL = 1e-3  # direction cosines closer than this are "the same orientation"
 
 
@@ -123,6 +135,12 @@ class DicomSeries:
 
     @property
     def key(self) -> str:
+        """Manifest key: study and series UID (one series UID can occur in two studies)."""
+        return f"dicom:{self.study_uid}/{self.series_uid}"
+
+    @property
+    def legacy_key(self) -> str:
+        """The key of manifests written before keys carried the study UID."""
         return f"dicom:{self.series_uid}"
 
     @property
@@ -141,7 +159,7 @@ class SkippedInput:
 
     @property
     def key(self) -> str:
-        return f"dicom:{self.series_uid}:skipped" if self.series_uid else f"file:{self.path}"
+        return f"dicom:{self.study_uid}/{self.series_uid}:skipped" if self.series_uid else f"file:{self.path}"
 
 
 @dataclass
@@ -243,28 +261,47 @@ def _is_volume_file(name: str) -> bool:
     return any(low.endswith(s) for s in VOLUME_FILE_SUFFIXES)
 
 
-def discover_inputs(root: str | os.PathLike, follow_symlinks: bool = False) -> DiscoveryResult:
+def _walk(root: Path, exclude: set[Path], follow_symlinks: bool) -> tuple[list[Path], list[SkippedInput]]:
+    """Files under ``root`` (sorted), leaving out batch output folders (``exclude`` or holding the marker)."""
+    paths: list[Path] = []
+    pruned: list[SkippedInput] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        here = Path(dirpath)
+        if here.resolve() in exclude or OUTPUT_MARKER in filenames:
+            pruned.append(SkippedInput(dirpath, "output folder of a ulite-dicom run (not read as input)"))
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        paths.extend(here / f for f in sorted(filenames))
+    return paths, pruned
+
+
+def discover_inputs(
+    root: str | os.PathLike, follow_symlinks: bool = False, exclude: list[str | os.PathLike] | None = None
+) -> DiscoveryResult:
     """Walk ``root``; read DICOM headers only, group image instances by study and series.
 
     NIfTI/NRRD/MHA files are returned as ``volume_files``. Everything else is reported in
     ``skipped`` with a reason (not DICOM, unreadable header, DICOMDIR, non-image SOP class such as
-    SR, PR, KO, SEG, RTSTRUCT, ...). Non-image objects are reported once per series.
+    SR, PR, KO, SEG, RTSTRUCT, ...). Non-image objects are reported once per series. Image files whose
+    header is cut short (no study/series UID left) make the series in their folder fail, naming them.
 
     Args:
         root: a folder (walked recursively) or a single file.
         follow_symlinks: follow symbolic links to folders while walking.
+        exclude: folders not to walk (the batch's own output folder); folders holding a batch's lock file
+            are left out too, so that results are never segmented again.
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"input {root} does not exist")
+    skipped: list[SkippedInput] = []
     paths = [root] if root.is_file() else []
     if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-            dirnames.sort()
-            paths.extend(Path(dirpath) / f for f in sorted(filenames))
+        paths, skipped = _walk(root, {Path(p).resolve() for p in exclude or ()}, follow_symlinks)
     series: dict[tuple[str, str], DicomSeries] = {}
     non_image: dict[tuple[str, str, str], SkippedInput] = {}
-    skipped: list[SkippedInput] = []
+    damaged: list[SkippedInput] = []  # image files without UIDs: tied to the series of their folder
     volumes: list[str] = []
     for p in paths:
         sp = str(p)
@@ -277,54 +314,62 @@ def discover_inputs(root: str | os.PathLike, follow_symlinks: bool = False) -> D
             skipped.append(SkippedInput(sp, "not a DICOM file"))
             continue
         except Exception as e:  # truncated header, bad VR, unreadable file
-            skipped.append(SkippedInput(sp, f"unreadable DICOM header ({type(e).__name__}: {e}); re-export the file"))
+            damaged.append(SkippedInput(sp, f"unreadable DICOM header ({type(e).__name__}: {e})"))
             continue
-        sop_class = str(
-            ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", "")
-        )
-        if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-            skipped.append(SkippedInput(sp, "DICOMDIR index file (the tree is walked instead)"))
-            continue
-        study_uid = str(ds.get("StudyInstanceUID", ""))
-        series_uid = str(ds.get("SeriesInstanceUID", ""))
-        if not study_uid or not series_uid or "SOPInstanceUID" not in ds:
-            skipped.append(
-                SkippedInput(sp, "DICOM header without Study/Series/SOP Instance UID (truncated or incomplete file)")
-            )
-            continue
-        if sop_class not in IMAGE_SOP_CLASSES:
-            name = UID(sop_class).name if sop_class else "no SOPClassUID"
-            key = (study_uid, series_uid, sop_class)
-            if key in non_image:
-                continue
-            non_image[key] = SkippedInput(
-                sp,
-                f"{name} ({ds.get('Modality', '?')}) is not a cross-sectional image; not segmented",
-                study_uid,
-                series_uid,
-            )
-            continue
-        s = series.get((study_uid, series_uid))
-        if s is None:
-            s = series[(study_uid, series_uid)] = DicomSeries(study_uid, series_uid, sop_class, ds)
-        sop_uid = str(ds.SOPInstanceUID)
-        if sop_uid in s.sop_instance_uids:
-            s.notes.append(f"duplicate copy of SOP instance {sop_uid} ignored: {sp}")
-            continue
-        try:
-            frames = _frames_from_header(ds, sp)
-        except SeriesRejectedError as e:
-            s.problems.append(str(e))
-            continue
-        except Exception as e:
-            s.problems.append(f"{sp}: unusable geometry attributes ({type(e).__name__}: {e})")
-            continue
-        s.sop_instance_uids.add(sop_uid)
-        s.files.append(sp)
-        s.frames.extend(frames)
+        add_instance(ds, sp, series, non_image, damaged, skipped)
+    for d in damaged:  # one rule: a damaged instance fails the series it belongs to
+        folder = os.path.dirname(d.path)
+        owners = [s for s in series.values() if any(os.path.dirname(f) == folder for f in s.files)]
+        if owners:
+            for s in owners:
+                s.problems.append(f"damaged instance {d.path}: {d.reason}; re-export the series")
+        else:
+            skipped.append(SkippedInput(d.path, f"{d.reason}; re-export the file"))
     # A series whose image instances all fell out still shows up so the manifest can say why.
-    result = [s for s in series.values()]
-    return DiscoveryResult(result, volumes, skipped + list(non_image.values()))
+    return DiscoveryResult(list(series.values()), volumes, skipped + list(non_image.values()))
+
+
+def add_instance(ds: Dataset, path: str, series: dict, non_image: dict, damaged: list, skipped: list) -> None:
+    """Sort one instance header into ``series`` (by study and series UID) or one of the lists of set-asides."""
+    meta = ds.get("file_meta", Dataset())
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        skipped.append(SkippedInput(path, "DICOMDIR index file (the tree is walked instead)"))
+        return
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    series_uid = str(ds.get("SeriesInstanceUID", ""))
+    if not study_uid or not series_uid or "SOPInstanceUID" not in ds:
+        why = "DICOM header without Study/Series/SOP Instance UID (truncated or incomplete file)"
+        (damaged if sop_class in IMAGE_SOP_CLASSES else skipped).append(SkippedInput(path, why))
+        return
+    if sop_class not in IMAGE_SOP_CLASSES:
+        name = UID(sop_class).name if sop_class else "no SOPClassUID"
+        key = (study_uid, series_uid, sop_class)
+        if key not in non_image:
+            non_image[key] = SkippedInput(
+                path, f"{name} ({ds.get('Modality', '?')}) is not a cross-sectional image; not segmented",
+                study_uid, series_uid)
+        return
+    s = series.get((study_uid, series_uid))
+    if s is None:
+        s = series[(study_uid, series_uid)] = DicomSeries(study_uid, series_uid, sop_class, ds)
+    sop_uid = str(ds.SOPInstanceUID)
+    if sop_uid in s.sop_instance_uids:
+        s.notes.append(f"duplicate copy of SOP instance {sop_uid} ignored: {path}")
+        return
+    try:
+        frames = _frames_from_header(ds, path)
+    except SeriesRejectedError as e:
+        s.problems.append(str(e))
+        s.files.append(path)
+        return
+    except Exception as e:
+        s.problems.append(f"{path}: unusable geometry attributes ({type(e).__name__}: {e})")
+        s.files.append(path)
+        return
+    s.sop_instance_uids.add(sop_uid)
+    s.files.append(path)
+    s.frames.extend(frames)
 
 
 @dataclass
@@ -344,6 +389,7 @@ class SeriesVolume:
     frame_to_slice: np.ndarray
     datasets: dict[str, Dataset]  # SOPInstanceUID -> header (pixel data removed)
     notes: list[str] = field(default_factory=list)
+    geometry: str = "regular"  # "regular", "regular, rounded positions tolerated", "resampled: ..."
 
     @property
     def affine_lps(self) -> np.ndarray:
@@ -380,10 +426,26 @@ def _orthonormal_direction(iop: np.ndarray) -> np.ndarray:
     return np.stack([row, col, np.cross(row, col)], axis=1)
 
 
-def _plan_geometry(
-    series: DicomSeries, max_gap_ratio: float
-) -> tuple[list[DicomFrame], np.ndarray, np.ndarray, list[str]]:
-    """Sort planes along the normal, check them; return (frames, offsets, slice offsets of the grid, notes)."""
+@dataclass
+class _Geometry:
+    frames: list[DicomFrame]  # sorted along the normal
+    offsets: np.ndarray  # plane offsets along the normal (mm)
+    grid: np.ndarray | None  # slice offsets of a resampled grid; None: one slice per plane
+    origin: np.ndarray
+    dz: float
+    geometry: str  # what was done, for the manifest
+    notes: list[str]
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares ``y ~ a + x b`` (y may be (n, d)); returns (fitted values, slope b)."""
+    a = np.stack([np.ones_like(x), x], axis=1)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return a @ coef, coef[1]
+
+
+def _plan_geometry(series: DicomSeries, max_gap_ratio: float, position_tolerance: float = POSITION_TOLERANCE) -> _Geometry:
+    """Sort planes along the normal and check them against the module's policy."""
     name = f"series {series.series_uid}"
     frames = series.frames
     if series.problems:
@@ -406,48 +468,74 @@ def _plan_geometry(
     order = np.argsort(offsets, kind="stable")
     frames = [frames[i] for i in order]
     offsets = offsets[order]
+    tol = max(position_tolerance * min(ps0), _POS_TOL_MM)
     gaps = np.diff(offsets)
-    if np.any(gaps < _POS_TOL_MM):
-        n_dup = int(np.sum(gaps < _POS_TOL_MM))
+    if np.any(gaps < max(_POS_TOL_MM, min(tol, 0.5 * float(np.median(gaps))))):
+        n_dup = int(np.sum(gaps < max(_POS_TOL_MM, min(tol, 0.5 * float(np.median(gaps))))))
         raise SeriesRejectedError(
             f"{name}: {n_dup} plane(s) share a position with another plane (multi-echo, multi-phase or repeated "
             "acquisition in one series); split the series, e.g. by EchoNumbers/TemporalPositionIdentifier"
         )
-    # Positions must lie on the normal through the first plane (no gantry tilt / shear).
-    p0 = frames[0].position
-    lateral = max(float(np.linalg.norm((f.position - p0) - np.dot(f.position - p0, normal) * normal)) for f in frames)
-    if lateral > max(1e-2, 0.05 * min(ps0)):
+    # Sideways position components: a line through them (tilt/shear) plus scatter (rounding).
+    pos = np.stack([f.position for f in frames])
+    lateral = pos - np.outer(pos @ normal, normal)
+    fitted, shear = _line_fit(offsets, lateral)
+    scatter = float(np.max(np.linalg.norm(lateral - fitted, axis=1)))
+    drift = float(np.linalg.norm(shear) * (offsets[-1] - offsets[0]))
+    off_normal = float(np.max(np.linalg.norm(lateral - lateral.mean(axis=0), axis=1)))
+    if drift > tol:
+        angle = float(np.degrees(np.arctan(np.linalg.norm(shear))))
         raise SeriesRejectedError(
-            f"{name}: plane positions drift {lateral:.3f} mm sideways of the slice normal (gantry tilt or sheared "
-            "stack); resample the series to an orthogonal grid before export"
+            f"{name}: tilted or sheared stack: plane positions drift {drift:.3f} mm sideways of the slice normal "
+            f"over the series (tilt {angle:.2f} deg, e.g. gantry tilt; tolerance {tol:.3f} mm = "
+            f"{position_tolerance:g} x pixel spacing); resample the series to an orthogonal grid before export"
         )
-    notes = []
+    if scatter > tol:
+        raise SeriesRejectedError(
+            f"{name}: plane positions scatter up to {scatter:.3f} mm sideways of the slice normal (more than "
+            f"rounding, tolerance {tol:.3f} mm); not one stack of planes: check the export"
+        )
+    notes, geometry = [], "regular"
+    k = np.arange(len(frames), dtype=np.float64)
+    along_fit, dz = _line_fit(k, offsets)
+    along_dev = float(np.max(np.abs(offsets - along_fit)))
+    if along_dev <= tol:  # regular (maybe rounded) stack: one slice per plane on the fitted grid
+        grid, dz = None, float(dz)
+        origin = (pos - np.outer(k * dz, normal)).mean(axis=0)
+        if max(off_normal, along_dev) > 1e-3:
+            geometry = "regular, rounded positions tolerated"
+            notes.append(
+                f"plane positions within {max(off_normal, along_dev):.3f} mm of a regular stack (rounded by the "
+                f"scanner; tolerated up to {tol:.3f} mm); fitted slice spacing {dz:.4f} mm"
+            )
+        return _Geometry(frames, offsets, grid, origin, dz, geometry, notes)
     gmin, gmax = float(gaps.min()), float(gaps.max())
-    if gmax - gmin <= max(1e-3, 0.01 * gmin):
-        grid = offsets  # regular: one array slice per source plane
-    elif gmax / gmin <= max_gap_ratio:
-        n = int(round((offsets[-1] - offsets[0]) / gmin)) + 1
-        grid = offsets[0] + np.arange(n) * ((offsets[-1] - offsets[0]) / (n - 1))
-        notes.append(
-            f"uneven slice spacing ({gmin:.3f}-{gmax:.3f} mm); resampled to {n} slices at "
-            f"{(offsets[-1] - offsets[0]) / (n - 1):.3f} mm, labels mapped back to the {len(frames)} source planes"
-        )
-    else:
+    if gmax / gmin > max_gap_ratio:
         raise SeriesRejectedError(
             f"{name}: slice gaps range from {gmin:.3f} to {gmax:.3f} mm (ratio {gmax / gmin:.1f} > {max_gap_ratio}); "
             "several stacks or many missing slices; check the export"
         )
-    return frames, offsets, grid, notes
+    n = int(round((offsets[-1] - offsets[0]) / gmin)) + 1
+    grid = offsets[0] + np.arange(n) * ((offsets[-1] - offsets[0]) / (n - 1))
+    dz = float(grid[1] - grid[0])
+    notes.append(
+        f"uneven slice spacing ({gmin:.3f}-{gmax:.3f} mm); resampled to {n} slices at "
+        f"{dz:.3f} mm, labels mapped back to the {len(frames)} source planes"
+    )
+    origin = frames[0].position + (grid[0] - offsets[0]) * normal
+    return _Geometry(frames, offsets, grid, origin, dz, "resampled: uneven slice gaps", notes)
 
 
-def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.ndarray, dict[str, Dataset]]:
-    """Pixel data of the sorted frames as float32 (modality rescale applied), plus headers by SOP UID."""
+def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.ndarray, dict[str, Dataset], set[str]]:
+    """Pixel data of the sorted frames as float32 (modality rescale applied, MONOCHROME1 not inverted: the
+    stored values mean the same as in MONOCHROME2), headers by SOP UID, and the photometric interpretations."""
     rows, cols = int(series.header.Rows), int(series.header.Columns)
     out = np.empty((len(frames), rows, cols), dtype=np.float32)
     by_path: dict[str, list[int]] = {}
     for i, f in enumerate(frames):
         by_path.setdefault(f.path, []).append(i)
     datasets: dict[str, Dataset] = {}
+    photometrics: set[str] = set()
     for path, idxs in by_path.items():
         try:
             ds = pydicom.dcmread(path)
@@ -477,48 +565,58 @@ def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.nd
             plane = pix[f.frame_index or 0].astype(np.float32)
             if f.slope != 1.0 or f.intercept != 0.0:
                 plane = plane * np.float32(f.slope) + np.float32(f.intercept)
-            if photometric == "MONOCHROME1":
-                plane = plane.max() + plane.min() - plane  # display inversion; rare for CT/MR
             out[i] = plane
         for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             if kw in ds:
                 del ds[kw]
         datasets[str(ds.SOPInstanceUID)] = ds
-    return out, datasets
+        photometrics.add(photometric)
+    return out, datasets, photometrics
 
 
-def load_series_volume(series: DicomSeries, max_gap_ratio: float = 3.0) -> SeriesVolume:
+def load_series_volume(
+    series: DicomSeries, max_gap_ratio: float = 3.0, position_tolerance: float = POSITION_TOLERANCE
+) -> SeriesVolume:
     """Decode a series into a regular volume with its patient geometry (see the module policy).
+
+    Args:
+        series: the series (from :func:`discover_inputs`).
+        max_gap_ratio: largest/smallest slice gap still resampled onto a regular grid.
+        position_tolerance: position scatter/drift tolerated, as a fraction of the smallest pixel spacing.
 
     Raises:
         SeriesRejectedError: with the series/file and the reason when the series cannot be a volume.
     """
-    frames, offsets, grid, notes = _plan_geometry(series, max_gap_ratio)
-    planes, datasets = _decode_frames(series, frames)
+    g = _plan_geometry(series, max_gap_ratio, position_tolerance)
+    frames, offsets = g.frames, g.offsets
+    planes, datasets, photometrics = _decode_frames(series, frames)
     direction = _orthonormal_direction(frames[0].orientation)
-    if len(grid) == len(offsets) and grid is offsets:
+    notes = list(g.notes)
+    if "MONOCHROME1" in photometrics:
+        notes.append("MONOCHROME1: pixel values used as stored (rescaled); only the display is inverted")
+    if g.grid is None:
         array = planes
         frame_to_slice = np.arange(len(frames))
-        dz = float((offsets[-1] - offsets[0]) / (len(offsets) - 1))
     else:
         # linear interpolation along the normal between the bracketing source planes
+        grid = g.grid
         hi = np.clip(np.searchsorted(offsets, grid, side="left"), 1, len(offsets) - 1)
         lo = hi - 1
         w = ((grid - offsets[lo]) / (offsets[hi] - offsets[lo])).astype(np.float32)
         array = planes[lo] * (1 - w)[:, None, None] + planes[hi] * w[:, None, None]
-        dz = float(grid[1] - grid[0])
-        frame_to_slice = np.clip(np.round((offsets - grid[0]) / dz).astype(int), 0, len(grid) - 1)
+        frame_to_slice = np.clip(np.round((offsets - grid[0]) / g.dz).astype(int), 0, len(grid) - 1)
     # keep integer data compact (halves the temporary file for CT)
     if np.all(np.mod(array, 1) == 0) and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)
     ps = frames[0].pixel_spacing
     return SeriesVolume(
         array=array,
-        origin=frames[0].position.copy(),
-        spacing=(float(ps[1]), float(ps[0]), dz),
+        origin=np.asarray(g.origin, dtype=np.float64),
+        spacing=(float(ps[1]), float(ps[0]), g.dz),
         direction=direction,
         frames=frames,
         frame_to_slice=frame_to_slice,
         datasets=datasets,
         notes=series.notes[:3] + notes,
+        geometry=g.geometry,
     )

@@ -185,14 +185,15 @@ class SeriesSelector:
         )
 
     def select(self, series: Sequence[DicomSeries]) -> tuple[list[SelectedSeries], dict[str, str]]:
-        """Returns the selected series (study order kept) and, for the others, why they were not selected."""
+        """Returns the selected series (study order kept) and, for the others, why they were not selected
+        (keyed by :attr:`DicomSeries.key`, study and series UID: one series UID may occur in two studies)."""
         if self.rules is None:
             return [SelectedSeries("", s) for s in series], {}
         studies: dict[str, list[DicomSeries]] = {}
         for s in series:
             studies.setdefault(s.study_uid, []).append(s)
         chosen: dict[str, SelectedSeries] = {}
-        why: dict[str, list[str]] = {s.series_uid: [] for s in series}
+        why: dict[str, list[str]] = {s.key: [] for s in series}
         for members in studies.values():
             for sel in self.rules["selections"]:
                 name = str(sel.get("name", "")).strip()
@@ -211,17 +212,17 @@ class SeriesSelector:
                         if not self.all_matched and not self.sort:
                             break
                     else:
-                        why[s.series_uid].append(f"{name or 'selection'}: {reason}")
+                        why[s.key].append(f"{name or 'selection'}: {reason}")
                 if self.sort:
                     found.sort(key=lambda x: x.num_slices, reverse=True)
                 if not self.all_matched:
                     found = found[:1]
                 for s in found:
-                    chosen.setdefault(s.series_uid, SelectedSeries(name, s))
-        selected = [chosen[s.series_uid] for s in series if s.series_uid in chosen]
+                    chosen.setdefault(s.key, SelectedSeries(name, s))
+        selected = [chosen[s.key] for s in series if s.key in chosen]
         rejected = {
-            uid: "no selection rule matched (" + "; ".join(reasons[:3]) + ")" if reasons else "not the first match"
-            for uid, reasons in why.items()
-            if uid not in chosen
+            key: "no selection rule matched (" + "; ".join(reasons[:3]) + ")" if reasons else "not the first match"
+            for key, reasons in why.items()
+            if key not in chosen
         }
         return selected, rejected

@@ -28,7 +28,7 @@ from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["SITKReader", "read_sitk_image", "SUPPORTED_SUFFIXES"]
+__all__ = ["SITKReader", "read_sitk_image", "check_nifti_complete", "SUPPORTED_SUFFIXES"]
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".ima")
 
@@ -82,6 +82,8 @@ def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, pixe
             raise RuntimeError(f"cannot read DICOM series {uid} in {p}: {str(e).strip().splitlines()[-1]}") from e
         img.SetMetaData("series_uid", uid)
         return img
+    check_nifti_complete(p)
+    _check_detached_data(p)
     try:
         return sitk.ReadImage(str(p), **kwargs)
     except RuntimeError as e:
@@ -90,6 +92,67 @@ def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, pixe
             f"cannot read image file {p} ({msg[-1] if msg else 'unknown error'}): is it a complete NIfTI/NRRD/MHA/"
             "DICOM file? Re-export or remove it from the datalist."
         ) from e
+
+
+def check_nifti_complete(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` if a ``.nii``/``.nii.gz`` file holds fewer bytes than its header promises.
+
+    SimpleITK reads a truncated NIfTI without complaint and fills the missing voxels with zeros. The check is
+    cheap: an uncompressed file's size, or a gzip file's trailer (the uncompressed size modulo 2**32); only when
+    the trailer disagrees is the gzip stream read through to tell a cut file from a multi-member one.
+    """
+    import gzip
+    import struct
+
+    import nibabel as nib
+
+    p = Path(path)
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        header = nib.load(str(p)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception as e:  # a header that does not parse: SimpleITK will say so
+        raise ValueError(f"cannot read image file {p}: NIfTI header unreadable ({type(e).__name__}: {e}); "
+                         "re-export or remove the file.") from e
+    what = f"image file {p} is truncated"
+    if name.endswith(".nii"):
+        size = p.stat().st_size
+        if size < expected:
+            raise ValueError(f"{what}: {size} bytes, the header needs {expected}; re-export or remove the file.")
+        return
+    with open(p, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", f.read(4))[0]
+    if isize == expected % 2**32:
+        return
+    total = 0
+    try:
+        with gzip.open(p, "rb") as g:
+            while chunk := g.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{what} or damaged ({type(e).__name__}: {e}); re-export or remove the file.") from e
+    if total < expected:
+        raise ValueError(f"{what}: {total} bytes uncompressed, the header needs {expected}; re-export or remove it.")
+
+
+def _check_detached_data(p: Path) -> None:
+    """A ``.mhd``/``.nhdr`` header names its data file: say plainly when that file is missing."""
+    import re
+
+    key = {".mhd": "ElementDataFile", ".nhdr": "data file"}.get(p.suffix.lower())
+    if key is None:
+        return
+    with open(p, encoding="latin-1", errors="replace") as f:
+        text = f.read(1 << 16)
+    m = re.search(rf"^\s*{key}\s*[=:]\s*(.+?)\s*$", text, flags=re.MULTILINE | re.IGNORECASE)
+    if not m or m.group(1).upper() in ("LOCAL", "LIST") or m.group(1).startswith(("LIST", "%")):
+        return
+    data = p.parent / m.group(1)
+    if not data.exists():
+        raise FileNotFoundError(f"image file {p}: its data file {data.name} is missing; copy it beside the header.")
 
 
 class _DeferredError:
