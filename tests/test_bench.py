@@ -164,3 +164,11 @@ def test_update_keeps_other_modes(tmp_path):
     assert data["sliding_window"]["volume"] == [40, 40, 32]  # replaced by this run
     assert data["earlier_runs"][0]["kept"] == ["quality"]
     assert "are from another run" in (out / "benchmark.md").read_text()
+
+
+def test_committed_cpu_report_renders_unchanged():
+    """The committed CPU tables are what the report code makes of the committed JSON (the GPU additions leave
+    CPU reports as they were)."""
+    docs = BUNDLE.parents[1] / "docs" / "benchmarks"
+    data = json.loads((docs / "benchmark.json").read_text())
+    assert report.markdown(data) == (docs / "benchmark.md").read_text()

@@ -149,6 +149,18 @@ def cuda_environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "tf32_matmul": _flag(lambda: torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": _flag(lambda: torch.backends.cudnn.allow_tf32),
     }
+
+
+def _flag(read: Callable[[], object]) -> bool | None:
+    """A backend setting, or ``None`` where this torch no longer has it."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(read())
+    except (AttributeError, RuntimeError):
+        return None

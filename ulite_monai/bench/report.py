@@ -214,9 +214,11 @@ def _training_tables(tr: dict) -> list[str]:
 def _quality_table(q: dict) -> list[str]:
     budget = q.get("budget_s", q.get("budget_cpu_s"))
     clock = q.get("budget_clock", "process CPU time")
-    lines = [f"### Quality at equal budget ({budget:.0f} s of {clock} of training each)", "",
+    cpu = clock == "process CPU time"
+    what, column = ("CPU-seconds", "CPU time") if cpu else (f"s of {clock}", clock)
+    lines = [f"### Quality at equal budget ({budget:.0f} {what} of training each)", "",
              f"Data: {q['data']}.", "",
-             f"| Model | Params | steps | {clock} (s) | wall time (s) | val Dice (mean) | per case |",
+             f"| Model | Params | steps | {column} (s) | wall time (s) | val Dice (mean) | per case |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in q["runs"]:
         used = r.get("budget_used_s", r.get("cpu_s"))
@@ -231,10 +233,13 @@ def _gpu_line(env: dict) -> str:
     g = env.get("cuda_device")
     if not g:
         return ""
+    def onoff(v) -> str:
+        return "unknown" if v is None else "on" if v else "off"
+
     return (f"GPU: {g['gpu']} ({g['gpu_memory_gb']} GB, compute capability {g['compute_capability']}), driver "
             f"{g.get('driver') or '?'}, CUDA {g.get('cuda')}, cuDNN {g.get('cudnn')} (benchmark "
-            f"{'on' if g.get('cudnn_benchmark') else 'off'}, TF32 convolutions {'on' if g.get('tf32_cudnn') else 'off'}, "
-            f"TF32 matmul {'on' if g.get('tf32_matmul') else 'off'}); autocast: {env.get('amp', 'none')}. Timing: "
+            f"{onoff(g.get('cudnn_benchmark'))}, TF32 convolutions {onoff(g.get('tf32_cudnn'))}, "
+            f"TF32 matmul {onoff(g.get('tf32_matmul'))}); autocast: {env.get('amp', 'none')}. Timing: "
             "CUDA events around each call after a device synchronisation; peak memory: "
             "torch.cuda.max_memory_allocated.")
 
@@ -270,8 +275,12 @@ def markdown(report: dict) -> str:
                   "after the other models have evicted this one's weights and activations from the CPU "
                   "caches. Ratios use the steady-state medians; the cold column gives them from the cold "
                   "calls. "
-                  "Peak RSS: a fresh child process per model builds it, warms up, resets the high-water mark "
-                  "and runs the workload; the figure includes the Python/torch runtime and the weights.", ""]
+                  + ("Peak GPU memory: torch.cuda.max_memory_allocated during one call (one training step) minus "
+                     "what was allocated before the model was built, plus the input: weights, input, activations "
+                     "and output (for training also gradients and optimiser state). All models run in one process."
+                     if str(report["speed"].get("device", "cpu")).startswith("cuda") else
+                     "Peak RSS: a fresh child process per model builds it, warms up, resets the high-water mark "
+                     "and runs the workload; the figure includes the Python/torch runtime and the weights."), ""]
         lines += _speed_tables(report["speed"])
     if "training_step" in report:
         lines += ["## Training step", "",

@@ -14,6 +14,9 @@ Procedure (per number of spatial dims):
    of bs1 latency (what ``torch.utils.benchmark`` measures); medians and p90 of those are reported and
    the ratios are computed from them (and, in a second table, from the cold calls). Throughput at batch 8
    (2D) and the training step are interleaved one call at a time.
+
+On CUDA (``device="cuda"``) the models are built, probed and timed in this process instead
+(:func:`_run_speed_cuda`): peak GPU memory from ``torch.cuda.max_memory_allocated``, calls timed with CUDA events.
 """
 
 from __future__ import annotations
