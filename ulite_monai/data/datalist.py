@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["load_datalist", "list_inputs"]
+from torch.utils.data import IterableDataset
+
+__all__ = ["load_datalist", "list_inputs", "SkipBadItems"]
 
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".jpg", ".jpeg", ".png", ".dcm")
 
@@ -124,6 +127,36 @@ def list_inputs(path: str | os.PathLike | Sequence[str]) -> list[dict]:
     if not found:
         raise FileNotFoundError(f"no images or DICOM series found in {p}.")
     return found
+
+
+class SkipBadItems(IterableDataset):
+    """Items of ``data`` through ``transform``; an item whose transform fails is logged and skipped.
+
+    For inference over a folder: one unreadable or truncated file must not stop the others. Each failure is
+    logged with the file and the underlying error (not MONAI's "applying transform" wrapper) and, with
+    ``errors_file``, appended there as a JSON line ``{"image": ..., "error": ...}``. Iterate in one process
+    (``num_workers=0``).
+    """
+
+    def __init__(self, data: Sequence[dict], transform, errors_file: str | None = None) -> None:
+        super().__init__()
+        self.data, self.transform, self.errors_file = list(data), transform, errors_file
+        self.failed: list[dict] = []
+
+    def __iter__(self):
+        for item in self.data:
+            try:
+                yield self.transform(item)
+            except Exception as e:
+                while e.__cause__ is not None and str(e).startswith("applying transform"):
+                    e = e.__cause__
+                entry = {"image": str(item.get("image")), "error": f"{type(e).__name__}: {e}"}
+                self.failed.append(entry)
+                logging.getLogger("ulite_monai.data").error("skipped %s: %s", entry["image"], entry["error"])
+                if self.errors_file:
+                    os.makedirs(os.path.dirname(os.path.abspath(self.errors_file)), exist_ok=True)
+                    with open(self.errors_file, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(entry) + "\n")
 
 
 def _has_files(d: Path) -> bool:

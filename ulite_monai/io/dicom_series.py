@@ -186,7 +186,8 @@ def _frames_from_header(ds: Dataset, path: str) -> list[DicomFrame]:
             )
         for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if kw not in ds or ds[kw].value is None or len(ds[kw].value) == 0:
-                raise SeriesRejectedError(f"{path}: missing {kw}; the plane cannot be placed in patient space")
+                raise SeriesRejectedError(f"damaged instance {path}: missing {kw} (header cut short or incomplete); "
+                                          "the plane cannot be placed in patient space")
         return [
             DicomFrame(
                 path=path,
@@ -540,7 +541,8 @@ def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.nd
         try:
             ds = pydicom.dcmread(path)
         except Exception as e:
-            raise SeriesRejectedError(f"{path}: cannot be read ({type(e).__name__}: {e}); re-export the file") from e
+            raise SeriesRejectedError(
+                f"damaged instance {path}: cannot be read ({type(e).__name__}: {e}); re-export the file") from e
         if not any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise SeriesRejectedError(f"{path}: no pixel data in the file; re-export the series with images")
         if int(ds.get("Rows", 0)) != rows or int(ds.get("Columns", 0)) != cols:
@@ -554,7 +556,7 @@ def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.nd
             pix = ds.pixel_array
         except Exception as e:
             raise SeriesRejectedError(
-                f"{path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be truncated or use a "
+                f"damaged instance {path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be truncated or use a "
                 f"transfer syntax ({ds.file_meta.get('TransferSyntaxUID', '?')}) without an installed pydicom plugin"
             ) from e
         pix = np.asarray(pix)
