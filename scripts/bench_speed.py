@@ -24,11 +24,12 @@ import tempfile
 import torch
 
 
-def build(dims: int, in_ch: int, out_ch: int, onnx_dir: str, device: torch.device = torch.device("cpu")):
+def build(dims: int, in_ch: int, out_ch: int, onnx_dir: str, device: torch.device | None = None):
     from monai.networks.nets import UNet
 
     from ulite_monai.networks import ULite, export_onnx, inference_network, onnx_session
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
     net = ULite(dims, in_ch, out_ch).eval()
     default = inference_network(net)  # what the bundle / batch / label paths use (fused on the CPU, then moved)

@@ -25,14 +25,14 @@
 # gpu_check.log. The exit status is non-zero when a stage failed or ran out of time (the others still ran).
 
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 if [ "$DEVICE" = cpu ]; then AMP=${AMP:-none}; else AMP=${AMP:-fp16}; fi
 OUT=${OUT:-$ROOT/.ulite_cache/gpu_check}
 mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd) || exit 1
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -128,8 +128,8 @@ read -r -a tests <<< "${CUDA_TESTS:-$(ls tests/test_networks*.py tests/test_benc
 cuda_tests() {
   "$PYTHON" -m pytest -m cuda -q -rs --disable-warnings -p no:cacheprovider "$@"
   local rc=$?
-  if [ $rc -eq 5 ]; then echo "no test marked 'cuda' was collected"; return 0; fi
-  return $rc
+  if [ "$rc" -eq 5 ]; then echo "no test marked 'cuda' was collected"; return 0; fi
+  return "$rc"
 }
 export -f cuda_tests
 [[ $STAGES == *" tests "* ]] && stage tests "$T_TESTS" bash -c 'cuda_tests "$@"' cuda_tests "${tests[@]}"

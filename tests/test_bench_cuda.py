@@ -74,7 +74,8 @@ def test_training_step_under_autocast_on_cuda(amp):
 
 def test_quick_gpu_run_of_every_mode(tmp_path):
     out = tmp_path / "gpu"
-    rc = cli.main(["--device", "cuda", "--amp", "fp16", "--quick", "--modes", "train", "speed", "sw", "--dims", "2", "3",
+    rc = cli.main(["--device", "cuda", "--amp", "fp16", "--quick", "--modes", "train", "speed", "sw",
+                   "--dims", "2", "3",
                    "--models", "ulite", "ulite-fused", "monai-unet", "ulite-onnx", "--train-workloads", "3d", "bundle",
                    "--train-models", "ulite", "ulite-cl", "monai-unet", "--sw-no-sweep", "--bundle", str(BUNDLE),
                    "--out", str(out)])
@@ -96,7 +97,8 @@ def test_quick_gpu_run_of_every_mode(tmp_path):
         for r in wl["results"]:
             assert r["status"] == "ok", r["notes"]
             assert r["step"]["median_ms"] > 0 and r["peak_gpu_mb"] > 0
-        assert {(q["model"], q["versus"]) for q in wl["ratios"]} >= {("ulite", "monai-unet"), ("ulite-cl", "monai-unet")}
+        pairs = {(q["model"], q["versus"]) for q in wl["ratios"]}
+        assert pairs >= {("ulite", "monai-unet"), ("ulite-cl", "monai-unet")}
     sw = data["sliding_window"]
     assert sw["device"].startswith("cuda") and all(r["status"] == "ok" for r in sw["runs"])
     assert all(r["peak_gpu_mb"] > 0 and len(r["wall_s_runs"]) == 3 for r in sw["runs"])

@@ -221,7 +221,8 @@ def test_in_process_gpu_procedures_run_on_the_cpu():
         assert r["infer_peak_gpu_mb"] == pytest.approx(3 * 32 * 32 * 4 / 2**20)  # no GPU: only the input counts
     assert res["ulite"]["train_step"]["n"] == 3 and "train_step" not in res["ulite-fused"]
     assert [q["model"] for q in sp["ratios"]] == ["ulite-fused"]
-    base = {"roi_size": [32] * 3, "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian", "features": [8, 16, 32, 64, 128]}
+    base = {"roi_size": [32] * 3, "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian",
+            "features": [8, 16, 32, 64, 128]}
     runs = _runs_cuda(["ulite-fused", "ulite-onnx"], (40, 40, 32), [base], cpu, "none", 2, 60, lambda m: None)
     assert [r["status"] for r in runs] == ["ok", "skipped"]
     assert len(runs[0]["wall_s_runs"]) == 2 and runs[0]["peak_gpu_mb"] == 0

@@ -249,7 +249,8 @@ def main(argv=None) -> int:
             settings = sweep_settings(
                 base,
                 rois=args.sw_roi if args.sw_roi is not None else ([] if q else [64, 96, 128]),
-                batches=args.sw_batch if args.sw_batch is not None else ([2] if q else [1, 4, 8, 16] if cuda else [1, 4]),
+                batches=args.sw_batch if args.sw_batch is not None
+                else ([2] if q else [1, 4, 8, 16] if cuda else [1, 4]),
                 overlaps=args.sw_overlap if args.sw_overlap is not None else ([] if q else [0.25, 0.5]),
                 grid=args.sw_grid)
         result["sliding_window"] = run_sliding_window(

@@ -189,7 +189,10 @@ def run_quality(
     val_list = val_list[:n_val] if n_val else val_list
     log(f"[quality] caching the bundle's training dataset ({base.root}) ...")
     loader = parser.get_parsed_content("train#dataloader")
-    clock, clock_name = (time.process_time, "process CPU time") if dev.type == "cpu" else (time.perf_counter, "wall time")
+    if dev.type == "cpu":
+        clock, clock_name = time.process_time, "process CPU time"
+    else:
+        clock, clock_name = time.perf_counter, "wall time"
     runs = []
     with tempfile.TemporaryDirectory(prefix="ulite_quality_") as tmp:
         for name in models:

@@ -188,7 +188,10 @@ def _sw_table(sw: dict) -> list[str]:
 
 def _training_tables(tr: dict) -> list[str]:
     gpu = str(tr.get("device", "cpu")).startswith("cuda")
-    mem_key, mem = ("peak_gpu_mb", "peak GPU memory (MB)") if gpu else ("step_rss_growth_mb", "RSS growth in a step (MB)")
+    if gpu:
+        mem_key, mem = "peak_gpu_mb", "peak GPU memory (MB)"
+    else:
+        mem_key, mem = "step_rss_growth_mb", "RSS growth in a step (MB)"
     lines = []
     for wl in tr["workloads"]:
         lines += [f"### {wl['name']}: {wl['description']}", "",

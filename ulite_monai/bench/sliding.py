@@ -15,6 +15,7 @@ that the bundle defaults can follow the measurements.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import statistics
@@ -72,7 +73,7 @@ def bundle_inferer_settings(bundle=None) -> tuple[dict, str]:
     if target.endswith("ULite") and "network_def#features" in parser:
         settings["features"] = [int(f) for f in parser.get_parsed_content("network_def#features")]
         read.append("network_def#features")
-    layers = [f"configs/inference.json"] + [os.fspath(f) for f in b.files]
+    layers = ["configs/inference.json"] + [os.fspath(f) for f in b.files]
     if b.overrides:
         layers.append("overrides " + ", ".join(f"{k}={v!r}" for k, v in b.overrides.items()))
     return settings, f"bundle {b.root} ({' + '.join(layers)}: {', '.join(read)})"
@@ -185,10 +186,11 @@ def _runs_cuda(models, volume, settings, dev, amp, repeats, max_model_s, log) ->
                 D.synchronize(dev)
                 rec["warmup_s"] = time.perf_counter() - t0
                 times = []
+                pass_over = functools.partial(sw, vol)
                 for i in range(max(1, repeats)):
                     if i == 0:
                         D.reset_gpu_peak(dev)
-                    times.append(timer(lambda: sw(vol)))
+                    times.append(timer(pass_over))
                     if i == 0:
                         rec["peak_gpu_mb"] = D.gpu_peak_mb(dev) - before
                 rec.update(status="ok", wall_s=statistics.median(times), wall_s_runs=times,
@@ -202,7 +204,7 @@ def _runs_cuda(models, volume, settings, dev, amp, repeats, max_model_s, log) ->
                 log(f"[sw]   skipped: {rec['note']}")
                 torch.cuda.empty_cache()
             runs.append(rec)
-        del fn, net, vol
+        fn = net = vol = None  # free this model's weights and volume before the next one
         torch.cuda.empty_cache()
     return runs
 

@@ -140,7 +140,8 @@ def _bundle_features(bundle) -> list[int] | None:
     return None
 
 
-def _workloads(names: Sequence[str], bundle_factory: Callable[[], Any], dev: torch.device, quick: bool) -> list[_Workload]:
+def _workloads(names: Sequence[str], bundle_factory: Callable[[], Any], dev: torch.device,
+               quick: bool) -> list[_Workload]:
     out = []
     for name in names:
         if name == "3d":
