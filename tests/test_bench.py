@@ -138,13 +138,15 @@ def test_markdown_lists_skipped_models_with_reason(tmp_path):
 def test_quick_quality_mode(tmp_path):
     from ulite_monai.bench.quality import run_quality
 
-    q = run_quality(["ulite"], budget_s=1.0, data_dir=str(tmp_path / "data"), quick=True, bundle=BUNDLE,
-                    log=lambda m: None)
-    r = q["runs"][0]
-    assert r["model"] == "ulite" and r["steps"] >= 1 and r["cpu_s"] >= 1.0
-    assert len(r["dice_per_case"]) == q["num_val"] == 1 and q["num_train"] == 2
-    assert 0.0 <= r["dice_mean"] <= 1.0
-    assert r["params"] == 64_178  # the bundle's network_def (features 8..128), not a built-in one
+    q = run_quality(budget_s=1.0, data_dir=str(tmp_path / "data"), quick=True, bundle=BUNDLE, log=lambda m: None)
+    assert [r["model"] for r in q["runs"]] == ["ulite", "monai-unet"]
+    for r in q["runs"]:
+        assert r["status"] == "ok", r.get("note")  # both evaluated through the bundle's inference pipeline
+        assert r["steps"] >= 1 and r["cpu_s"] >= 1.0
+        assert len(r["dice_per_case"]) == q["num_val"] == 1 and q["num_train"] == 2
+        assert 0.0 <= r["dice_mean"] <= 1.0
+    assert q["runs"][0]["params"] == 64_178  # the bundle's network_def (features 8..128), not a built-in one
+    assert q["runs"][1]["params"] > 4_000_000  # MONAI UNet 16..256 in 3D
     assert q["patch_size"] == [48, 48, 48] and q["roi_size"] == [64, 64, 64]  # the bundle's settings
     assert "inference.json" in q["data"] and str(BUNDLE) in q["data"]
 
