@@ -14,7 +14,7 @@ TORCH       ?= torch==2.13.0
 EXTRAS      ?= all
 PYTEST_ARGS ?=
 # system tools the tests use (Debian names): DICOM validator, DICOM toolkit, PACS with DICOMweb
-APT_PACKAGES ?= dicom3tools dcmtk orthanc orthanc-dicomweb
+APT_PACKAGES ?= dicom3tools dcmtk orthanc orthanc-dicomweb openssl
 # UTF-8 I/O whatever the machine's locale (torch.compile reads UTF-8 templates with the locale's codec)
 export PYTHONUTF8 = 1
 
@@ -44,6 +44,7 @@ sysdeps:
 	command -v dcmdump >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 || missing="$$missing orthanc-dicomweb"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  echo "installing:$$missing"; \

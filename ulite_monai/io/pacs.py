@@ -48,7 +48,7 @@ class PacsAddress:
 def parse_address(text: str) -> PacsAddress:
     """Parse a ``dicomweb://``, ``http(s)://`` or ``dimse://`` address; ``ValueError`` with what is wrong."""
     parts = urlsplit(text)
-    if parts.username or parts.password:
+    if parts.scheme != "dimse" and (parts.username or parts.password) or parts.scheme == "dimse" and parts.password:
         raise ValueError(f"{parts.scheme}://...: credentials in the address are refused (they would show in process "
                          "lists and logs); set ULITE_PACS_USER/ULITE_PACS_PASSWORD or ULITE_PACS_TOKEN, or use a netrc file")
     if parts.scheme in ("dicomweb", "https", "http"):
@@ -156,20 +156,27 @@ class DicomWebPacs:
         """QIDO-RS: (study UID, series UID, series attributes) of the series matching the filters.
 
         Studies are searched first (``study_filters``: PatientID, StudyDate ranges ``YYYYMMDD-YYYYMMDD``, ...,
-        or the given ``study_uids``), then their series (``series_filters``: SeriesInstanceUID, Modality,
-        SeriesDescription with ``*`` wildcards, ...)."""
+        or the given ``study_uids``), then their series (``series_filters``: SeriesInstanceUID, Modality, ...;
+        SeriesDescription, with ``*``/``?`` wildcards and ignoring case, is matched on the returned attributes)."""
         if study_uids:
             studies = list(study_uids)
         else:
             found = self._call("QIDO-RS studies", lambda: self.client.search_for_studies(
                 search_filters=study_filters or None, get_remaining=True))
             studies = [_value(s, "0020000D") for s in found]
+        import fnmatch
+
+        series_filters = dict(series_filters)
+        # matched here, the same on every server (some match descriptions case-sensitively, some not at all)
+        description = series_filters.pop("SeriesDescription", None)
         out = []
         for st in studies:
             for filters in _split_multi(series_filters):
                 found = self._call("QIDO-RS series", lambda st=st, f=filters: self.client.search_for_series(
-                    study_instance_uid=st, search_filters=f or None, get_remaining=True))
-                out += [(st, _value(s, "0020000E"), s) for s in found]
+                    study_instance_uid=st, search_filters=f or None, fields=["SeriesDescription"],
+                    get_remaining=True))
+                out += [(st, _value(s, "0020000E"), s) for s in found if description is None
+                        or fnmatch.fnmatch(_value(s, "0008103E").casefold(), description.casefold())]
         seen, unique = set(), []
         for st, se, attrs in out:
             if (st, se) not in seen:
