@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -167,13 +167,3 @@ def run_child(args: list[str], timeout_s: float, max_rss_mb: float | None = None
         tail = " ".join((err or "").strip().splitlines()[-3:])[-400:]
         return {"status": "error", "reason": f"child exited with {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
-
-
-def time_calls(fn: Callable[[], object], n: int) -> list[float]:
-    """Durations (s) of ``n`` calls of ``fn``."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
