@@ -4,10 +4,14 @@
 Example::
 
     python scripts/batch_throughput.py --series 20 --shape 48 256 256 --device cpu --compare-no-prefetch
+    python scripts/batch_throughput.py --series 20 --shape 40 192 192 --probe --pacs   # + PACS on loopback
 
 Writes the series into ``--workdir`` (default: a temporary folder), runs the batch with the
 bundle's inference pipeline (random weights unless ``--checkpoint``), and prints one JSON
-object with the figures from ``batch_summary.json``.
+object with the figures from ``batch_summary.json``. ``--pacs`` adds a run that pulls the same
+series from a local Orthanc (DICOMweb, WADO-RS) and pushes SEG + SR to it by STOW-RS and C-STORE
+(needs Debian's orthanc + orthanc-dicomweb; Orthanc runs in a loopback-only network namespace where
+the machine allows one). Every run writes SEG, NIfTI, QC preview (and SR with ``--pacs``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,31 @@ from support.dicom_write import write_dicom_series  # noqa: E402
 from support.phantoms import body_phantom, foreground_probe_checkpoint  # noqa: E402
 
 
+def _pacs_run(opts, inp: Path, work: Path) -> dict:
+    """Upload the series to a loopback Orthanc, then pull them from it and push SEG + SR back (STOW-RS, C-STORE)."""
+    import contextlib
+
+    from support.label import offline_network, offline_problem
+    from support.pacs import PacsOrthanc, orthanc_problem
+    from ulite_monai.batch.runner import run_batch
+    from ulite_monai.io.pacs import parse_address
+
+    problem = orthanc_problem()
+    if problem:
+        raise SystemExit(f"--pacs: {problem}")
+    isolate = offline_network() if offline_problem() is None else contextlib.nullcontext()
+    with isolate, PacsOrthanc(work / "orthanc") as pacs:
+        t = time.perf_counter()
+        pacs.upload(sorted(p for p in inp.rglob("*.dcm")))
+        upload_s = time.perf_counter() - t
+        opts.input_dir, opts.source = None, parse_address(pacs.dicomweb)
+        opts.push = [parse_address(pacs.dicomweb), parse_address(pacs.dimse)]
+        opts.formats = ["seg", "nifti", "qc", "sr"]
+        summary = run_batch(opts)
+    summary["upload_s"] = round(upload_s, 2)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", type=int, default=20)
@@ -47,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--compare-no-prefetch", action="store_true", help="also run without read-ahead")
     p.add_argument("--keep", action="store_true", help="keep the generated series and outputs")
+    p.add_argument("--pacs", action="store_true", help="also run pulling from and pushing to a loopback Orthanc")
+    p.add_argument("--formats", default="seg,nifti,qc", help="outputs of the local runs (default seg,nifti,qc)")
     args = p.parse_args(argv)
     import torch
 
@@ -73,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = foreground_probe_checkpoint(args.bundle, work / "probe.pt")
     overrides = parse_overrides(args.set)
     runs = {}
-    for name, prefetch in [("prefetch", True)] + ([("no_prefetch", False)] if args.compare_no_prefetch else []):
+    names = [("prefetch", True)] + ([("no_prefetch", False)] if args.compare_no_prefetch else [])
+    names += [("pacs", True)] if args.pacs else []
+    for name, prefetch in names:
         out = work / f"out_{name}"
         shutil.rmtree(out, ignore_errors=True)
         opts = BatchOptions(
@@ -87,8 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
             overrides=overrides,
             prefetch=prefetch,
             progress=True,
+            formats=args.formats.split(","),
         )
-        s = run_batch(opts)
+        if name == "pacs":
+            s = _pacs_run(opts, inp, work)
+        else:
+            s = run_batch(opts)
         rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
         t = [r["timings_s"] for r in rows if "timings_s" in r]
         runs[name] = {
@@ -105,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
             "statuses": s["counts"],
             "device": s["device"],
         }
+        if name == "pacs":
+            runs[name]["mean_download_s"] = round(float(np.mean([x.get("download", 0) for x in t])), 3)
+            runs[name]["push_s"] = s["push_s"]
+            runs[name]["upload_to_orthanc_s"] = s["upload_s"]
     result = {
         "series": args.series,
         "shape_zyx": list(args.shape),
