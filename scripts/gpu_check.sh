@@ -39,7 +39,6 @@ fi
 SITE=${SITE:-/tmp/site}
 STAGES=" ${STAGES:-tests train speed sw} "
 export PYTHONUNBUFFERED=1 PYTHONUTF8=1 PYTHONDONTWRITEBYTECODE=1
-exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 # time boxes (s): on CUDA they add up to 7 minutes at most; the CPU dry run gets more
 if [ "$DEVICE" = cpu ]; then box=600; else box=0; fi
@@ -49,6 +48,7 @@ T_TRAIN=${T_TRAIN:-$(( box ? box : 80 ))}
 T_SPEED=${T_SPEED:-$(( box ? box : 130 ))}
 T_SW=${T_SW:-$(( box ? box : 80 ))}
 
+main() {  # everything below, its output also written to $OUT/gpu_check.log (see the end of the file)
 failed=0
 last_rc=0
 summary=()
@@ -176,4 +176,8 @@ for k, v in ((r.get("sliding_window") or {}).get("best") or {}).items():
 EOF
 fi
 ls -la "$OUT"
-exit $failed
+return $failed
+}
+
+main 2>&1 | tee -a "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
