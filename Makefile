@@ -18,10 +18,10 @@ APT_PACKAGES ?= dicom3tools dcmtk orthanc orthanc-dicomweb openssl
 # UTF-8 I/O whatever the machine's locale (torch.compile reads UTF-8 templates with the locale's codec)
 export PYTHONUTF8 = 1
 
-.PHONY: setup demo test test-fast sysdeps bench clean help
+.PHONY: setup demo test test-fast sysdeps bench gpu-check clean help
 
 help:
-	@echo "make demo | make test | make test-fast | make bench | make label-server | make clean"
+	@echo "make demo | make test | make test-fast | make bench | make gpu-check | make label-server | make clean"
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m ulite_monai.bench
+
+# CUDA tests + the GPU benchmark, time-boxed (docs/benchmarks/gpu/README.md); DEVICE=cpu QUICK=1 for a dry run
+gpu-check: setup
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(LABEL_VENV) .pytest_cache bundles/ulite/models/*.pt bundles/ulite/eval bundles/ulite/runs bundles/ulite/dataset
