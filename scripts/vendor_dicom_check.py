@@ -47,8 +47,8 @@ from ulite_monai.io.dicom_seg import build_dicom_seg, label_volume_to_source_fra
 from ulite_monai.io.dicom_series import discover_inputs, load_series_volume  # noqa: E402
 from ulite_monai.io.rtstruct import build_rtstruct, rtstruct_to_labels, source_plane_labels  # noqa: E402
 
-CASES = [("lung1", "lung1_image.nrrd", "lung1_label.nrrd", "CT"), ("brain1", "brain1_image.nrrd", "brain1_label.nrrd", "MR"),
-         ("breast1", "breast1_image.nrrd", "breast1_label.nrrd", "MR"), ("lung2", "lung2_image.nrrd", "lung2_label.nrrd", "CT")]
+CASES = [(n, f"{n}_image.nrrd", f"{n}_label.nrrd", m) for n, m in
+         (("lung1", "CT"), ("brain1", "MR"), ("breast1", "MR"), ("lung2", "CT"))]
 SEGMENTS = segments_from_channel_def({"1": "lesion"})
 
 

@@ -24,8 +24,8 @@ def series(tmp_path_factory):
     """An oblique, left-handed CT with non-square pixels and a missing slice (resampled), and a 3-class label."""
     root = tmp_path_factory.mktemp("outputs")
     vol = phantom((14, 40, 36), seed=8, radius=7)
-    paths = write_dicom_series(vol, root / "ct", (5, -3, 40), (0.7, 0.9, 2.5), rotation(12, -20, 35) @ np.diag([1, 1, -1]),
-                               rescale=(1.0, -1024.0))
+    direction = rotation(12, -20, 35) @ np.diag([1, 1, -1])
+    paths = write_dicom_series(vol, root / "ct", (5, -3, 40), (0.7, 0.9, 2.5), direction, rescale=(1.0, -1024.0))
     paths[6].unlink()  # uneven gaps: the SEG/RTSTRUCT still map to every source plane
     (s,) = discover_inputs(root / "ct").series
     v = load_series_volume(s)
@@ -54,7 +54,8 @@ def test_rtstruct_reads_back_onto_the_source_grid(series):
         dice = 2 * (a & b).sum() / (a.sum() + b.sum())
         assert dice >= 0.98, (s.label, dice)
     np.testing.assert_array_equal(back, ref)  # level-0.5 outlines + even-odd fill: exact here
-    refs = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for r in ds.ROIContourSequence for c in r.ContourSequence}
+    refs = {c.ContourImageSequence[0].ReferencedSOPInstanceUID
+            for r in ds.ROIContourSequence for c in r.ContourSequence}
     assert refs <= set(v.datasets)
     assert [r.ROIName for r in ds.StructureSetROISequence] == ["liver", "spleen", "lesion"]
 
@@ -76,7 +77,7 @@ def test_sr_volume_report_references_seg_segments(series):
     assert "1500" in str(ds.ContentTemplateSequence[0].TemplateIdentifier)
     assert seg.SOPInstanceUID in text and str(v.datasets[v.frames[0].sop_instance_uid].SeriesInstanceUID) in text
     voxel_ml = np.prod(v.spacing) / 1000
-    for i, s in enumerate(SEGMENTS, start=1):
+    for s in SEGMENTS:
         mask = labels == s.number
         assert f"{round(mask.sum() * voxel_ml, 4)}" in text
         assert f"{round(float(v.array[mask].mean()), 4)}" in text  # mean HU inside the segment

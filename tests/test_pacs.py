@@ -77,8 +77,8 @@ def test_pull_query_resume_and_push_by_stow_and_cstore(tmp_path, export, capsys,
             assert rc == 0, err[-2000:]
             assert sum(r["status"] == "done" for r in read_manifest(o).values()) == n, flags
         # credentials: refused in the address, from a netrc file, and a clear error without any
-        rc, _, err = run_main(["--from", pacs.dicomweb.replace("://", "://alice:pw@"), tmp_path / "x", "--bundle", bundle,
-                               *ARGS], capsys)
+        with_password = pacs.dicomweb.replace("://", "://alice:pw@")
+        rc, _, err = run_main(["--from", with_password, tmp_path / "x", "--bundle", bundle, *ARGS], capsys)
         assert rc == 2 and "credentials in the address are refused" in err
         monkeypatch.delenv("ULITE_PACS_USER")
         monkeypatch.delenv("ULITE_PACS_PASSWORD")

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="seg,nifti,qc",
                    help="comma-separated outputs: seg, nifti, rtstruct, sr (needs seg), qc (default: seg,nifti,qc)")
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary",
-                   help="DICOM SEG encoding: binary (default, every viewer) or labelmap (one frame per plane, newer readers)")
+                   help="DICOM SEG encoding: binary (default, every viewer) or labelmap (one frame per plane, "
+                   "newer readers)")
     p.add_argument("--position-tolerance", type=float, default=None, metavar="FRACTION",
                    help="plane position rounding tolerated, as a fraction of the pixel spacing (default 0.2)")
     q = p.add_argument_group("QC flag (needs_review in the manifest)")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean normalised foreground entropy above this needs review (default 0.5)")
     r = p.add_argument_group("PACS (credentials: ULITE_PACS_TOKEN, ULITE_PACS_USER/ULITE_PACS_PASSWORD or netrc)")
     r.add_argument("--from", dest="source", metavar="URL",
-                   help="pull from a DICOMweb server (dicomweb://HOST/PATH is HTTPS; http:// for loopback/test servers)")
+                   help="pull from a DICOMweb server (dicomweb://HOST/PATH is HTTPS; http:// for loopback/test "
+                   "servers)")
     r.add_argument("--study-uid", action="append", default=[], help="QIDO: StudyInstanceUID (repeatable)")
     r.add_argument("--series-uid", action="append", default=[], help="QIDO: SeriesInstanceUID (repeatable)")
     r.add_argument("--patient-id", help="QIDO: PatientID")
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ulite-dicom: {e}", file=sys.stderr)
         return 3
     except OSError as e:
-        if e.filename and Path(args.output).resolve() in [Path(e.filename).resolve(), *Path(e.filename).resolve().parents]:
+        where = Path(e.filename).resolve() if e.filename else None
+        if where is not None and Path(args.output).resolve() in [where, *where.parents]:
             print(f"ulite-dicom: cannot write the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
             return 3
         print(f"ulite-dicom: {e}", file=sys.stderr)

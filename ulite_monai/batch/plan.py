@@ -20,7 +20,8 @@ from ulite_monai.batch.manifest import Manifest
 from ulite_monai.io.dicom_series import DicomSeries, discover_inputs, sanitize_name
 from ulite_monai.io.series_selection import SeriesSelector
 
-__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "output_stem", "VOLUME_SUFFIXES", "OUTPUT_SUFFIXES"]
+__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "output_stem", "series_stem", "VOLUME_SUFFIXES",
+           "OUTPUT_SUFFIXES"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # every output a series can have: <out_stem><suffix>
@@ -121,6 +122,11 @@ def _unique_stems(items: list[WorkItem], manifest: Manifest) -> None:
             it.out_stem = f"{it.out_stem}__{hashlib.sha1(it.key.encode()).hexdigest()[:8]}"
 
 
+def series_stem(series: DicomSeries) -> str:
+    """``<study UID>/<series UID>`` (sanitised): a DICOM series' output name."""
+    return f"{sanitize_name(series.study_uid)}/{sanitize_name(series.series_uid)}"
+
+
 def _previous_row(manifest: Manifest, item: WorkItem) -> dict | None:
     row = manifest.rows.get(item.key)
     if row is None and item.series is not None:  # manifests written before keys carried the study UID
@@ -172,8 +178,7 @@ def plan_batch(
             row = item_row(WorkItem(s.key, "dicom", "", series=s))
             plan.skipped.append({**row, "status": "skipped", "reason": not_selected[s.key]})
     items = [
-        WorkItem(sel.series.key, "dicom", f"{sanitize_name(sel.series.study_uid)}/{sanitize_name(sel.series.series_uid)}",
-                 series=sel.series, selection=sel.selection_name)
+        WorkItem(sel.series.key, "dicom", series_stem(sel.series), series=sel.series, selection=sel.selection_name)
         for sel in selected
     ]
     for p in found.volume_files:

@@ -23,8 +23,8 @@ from typing import Sequence
 import pydicom
 
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.batch.plan import Plan, WorkItem, _previous_row, _unique_stems, item_row
-from ulite_monai.io.dicom_series import add_instance, discover_inputs, sanitize_name
+from ulite_monai.batch.plan import Plan, WorkItem, _previous_row, _unique_stems, item_row, series_stem
+from ulite_monai.io.dicom_series import add_instance, discover_inputs
 from ulite_monai.io.pacs import DicomWebPacs, PacsAddress, open_store, retry
 from ulite_monai.io.series_selection import SeriesSelector
 
@@ -67,8 +67,8 @@ def plan_remote(pacs: DicomWebPacs, study_filters: dict, series_filters: dict, s
             plan.skipped.append({**row, "status": "skipped", "reason": not_selected[s.key]})
     for sel in selected:
         s = sel.series
-        it = WorkItem(s.key, "dicom", f"{sanitize_name(s.study_uid)}/{sanitize_name(s.series_uid)}", series=s,
-                      selection=sel.selection_name, source=sources[s.key], remote=True)
+        it = WorkItem(s.key, "dicom", series_stem(s), series=s, selection=sel.selection_name, source=sources[s.key],
+                      remote=True)
         plan.todo.append(it)
     _unique_stems(plan.todo, manifest)
     for it in plan.todo:

@@ -209,8 +209,8 @@ class SeriesWorker:
             save_atomically(seg.save_as, outputs["seg"])
             extra.update(seg_type=self.seg_type, seg_frames=int(seg.NumberOfFrames))
             if "sr" in self.formats:
-                outputs["sr"] = write_volume_report(seg, labels, vol, self.segments, stem.with_name(stem.name + ".sr.dcm"),
-                                                    info.name, info.version)
+                sr_path = stem.with_name(stem.name + ".sr.dcm")
+                outputs["sr"] = write_volume_report(seg, labels, vol, self.segments, sr_path, info.name, info.version)
         if dicom_out and "rtstruct" in self.formats:
             rt = write_rtstruct(labels, vol, self.segments, stem.with_name(stem.name + ".rtstruct.dcm"), info.name,
                                 info.version)
@@ -252,7 +252,8 @@ class SeriesWorker:
         """Move the label file the bundle's SaveImaged wrote into place; write one if the bundle wrote none."""
         images = [p for p in staged if p.name.lower().endswith(_LABEL_SUFFIXES)]
         if len(images) > 1:
-            raise RuntimeError(f"the bundle's postprocessing wrote {len(images)} image files for one input; expected one")
+            raise RuntimeError(
+                f"the bundle's postprocessing wrote {len(images)} image files for one input; expected one")
         if images:
             ext = next(e for e in _LABEL_SUFFIXES if images[0].name.lower().endswith(e))
             dest = final_stem.with_name(final_stem.name + ext)

@@ -445,7 +445,9 @@ def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a @ coef, coef[1]
 
 
-def _plan_geometry(series: DicomSeries, max_gap_ratio: float, position_tolerance: float = POSITION_TOLERANCE) -> _Geometry:
+def _plan_geometry(
+    series: DicomSeries, max_gap_ratio: float, position_tolerance: float = POSITION_TOLERANCE
+) -> _Geometry:
     """Sort planes along the normal and check them against the module's policy."""
     name = f"series {series.series_uid}"
     frames = series.frames
@@ -556,7 +558,8 @@ def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.nd
             pix = ds.pixel_array
         except Exception as e:
             raise SeriesRejectedError(
-                f"damaged instance {path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be truncated or use a "
+                f"damaged instance {path}: pixel data cannot be decoded ({type(e).__name__}: {e}); the file may be "
+                "truncated or use a "
                 f"transfer syntax ({ds.file_meta.get('TransferSyntaxUID', '?')}) without an installed pydicom plugin"
             ) from e
         pix = np.asarray(pix)

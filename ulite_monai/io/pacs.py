@@ -50,7 +50,8 @@ def parse_address(text: str) -> PacsAddress:
     parts = urlsplit(text)
     if parts.scheme != "dimse" and (parts.username or parts.password) or parts.scheme == "dimse" and parts.password:
         raise ValueError(f"{parts.scheme}://...: credentials in the address are refused (they would show in process "
-                         "lists and logs); set ULITE_PACS_USER/ULITE_PACS_PASSWORD or ULITE_PACS_TOKEN, or use a netrc file")
+                         "lists and logs); set ULITE_PACS_USER/ULITE_PACS_PASSWORD or ULITE_PACS_TOKEN, or use a "
+                         "netrc file")
     if parts.scheme in ("dicomweb", "https", "http"):
         scheme = "https" if parts.scheme in ("dicomweb", "https") else "http"
         if not parts.hostname:

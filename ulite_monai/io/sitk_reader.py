@@ -112,7 +112,8 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
         return
     try:
         header = nib.load(str(p)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        n_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        expected = int(header.get_data_offset()) + n_bytes
     except Exception as e:  # a header that does not parse: SimpleITK will say so
         raise ValueError(f"cannot read image file {p}: NIfTI header unreadable ({type(e).__name__}: {e}); "
                          "re-export or remove the file.") from e
