@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     from ulite_monai.batch.runner import BatchOptions, run_batch
     from ulite_monai.bundle import parse_overrides
 
+    import logging
+
+    logging.getLogger("monai.data.image_writer").setLevel(logging.WARNING)  # SaveImaged: one line per file
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ulite-throughput-"))
