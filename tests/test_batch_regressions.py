@@ -286,3 +286,11 @@ def test_12_bundle_run_on_a_folder_skips_bad_files_and_segments_the_rest(tmp_pat
     errors = [json.loads(x) for x in (tmp_path / "out" / "failed_inputs.jsonl").read_text().splitlines()]
     assert sorted(Path(e["image"]).name for e in errors) == ["a_cut.nii.gz", "b_junk.nii.gz"]
     assert "truncated" in errors[0]["error"]
+
+
+def test_files_without_preamble_are_read_not_only_discovered(tmp_path):
+    vol = phantom((5, 10, 10), seed=9)
+    for p in write_dicom_series(vol, tmp_path / "s"):
+        p.write_bytes(p.read_bytes()[132:])  # no 128-byte preamble, no "DICM"
+    (s,) = discover_inputs(tmp_path / "s").series
+    np.testing.assert_array_equal(load_series_volume(s).array, vol)

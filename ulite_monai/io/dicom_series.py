@@ -541,7 +541,10 @@ def _decode_frames(series: DicomSeries, frames: list[DicomFrame]) -> tuple[np.nd
     photometrics: set[str] = set()
     for path, idxs in by_path.items():
         try:
-            ds = pydicom.dcmread(path)
+            try:
+                ds = pydicom.dcmread(path)
+            except InvalidDicomError:  # no 128-byte preamble: discovery accepted it by its UIDs
+                ds = pydicom.dcmread(path, force=True)
         except Exception as e:
             raise SeriesRejectedError(
                 f"damaged instance {path}: cannot be read ({type(e).__name__}: {e}); re-export the file") from e
