@@ -84,9 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
     from ulite_monai.batch.runner import BatchOptions, run_batch
     from ulite_monai.bundle import parse_overrides
 
-    import logging
-
-    logging.getLogger("monai.data.image_writer").setLevel(logging.WARNING)  # SaveImaged: one line per file
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ulite-throughput-"))
@@ -125,10 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
             progress=True,
             formats=args.formats.split(","),
         )
-        if name == "pacs":
-            s = _pacs_run(opts, inp, work)
-        else:
-            s = run_batch(opts)
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # the bundle's writer prints each file it writes
+            s = _pacs_run(opts, inp, work) if name == "pacs" else run_batch(opts)
         rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
         t = [r["timings_s"] for r in rows if "timings_s" in r]
         runs[name] = {
