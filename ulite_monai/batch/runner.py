@@ -161,7 +161,7 @@ def run_batch(opts: BatchOptions) -> dict:
         manifest = Manifest(out / "manifest.jsonl")
         pipeline = Bundle(opts.bundle_dir, opts.config_files, opts.overrides).pipeline(
             device=opts.device, checkpoint=opts.checkpoint, random_weights=opts.allow_random_weights,
-            fuse=opts.fuse, amp=opts.amp, output_dir=staging)
+            fuse=opts.fuse, amp=opts.amp, output_dir=staging, quiet=True)
         fetch = None
         if opts.source is not None:
             pacs = DicomWebPacs(opts.source, opts.ca_bundle, opts.netrc_file)
