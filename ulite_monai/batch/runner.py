@@ -170,7 +170,7 @@ def run_batch(opts: BatchOptions) -> dict:
             fetch = Downloader(pacs, tmp_dir, opts.attempts, opts.retry_delay_s)
         else:
             plan = plan_batch(opts.input_dir, out, manifest, pipeline.model_version, opts.rules, opts.all_matched,
-                              opts.overwrite)
+                              opts.overwrite, images_2d=pipeline.info.spatial_dims == 2)
         pusher = Pusher(opts.push, out, opts.ca_bundle, opts.netrc_file, opts.attempts, opts.retry_delay_s) \
             if opts.push else None
         counts = {"done": 0, "empty": 0, "skipped": 0, "failed": 0, "already_done": plan.already_done,
