@@ -99,7 +99,7 @@ def test_no_config_parser_or_checkpoint_reading_outside_the_bundle_layer():
     for f in (REPO / "ulite_monai").rglob("*.py"):
         if "bundle" in f.relative_to(REPO / "ulite_monai").parts[:1]:
             continue
-        text = f.read_text()
+        text = f.read_text(encoding="utf-8")
         if re.search(r"ConfigParser\(|ConfigWorkflow\(|torch\.load\(", text):
             offenders.append(str(f.relative_to(REPO)))
     assert offenders == [] or offenders == ["ulite_monai/networks/reference.py"], offenders

@@ -32,6 +32,9 @@ def write_dicom_image(path: Path, pixels: np.ndarray, photometric: str = "MONOCH
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality = {"SC": "OT", "VL": "XC", "US": "US", "DX": "DX"}[kind]
     ds.PatientID, ds.PatientName = "ULITE-2D", "Test^TwoD"
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+    ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, 1, "ulite-test"
     arr = np.asarray(pixels)
     if photometric == "YBR_FULL":
         arr = convert_color_space(arr.astype(np.uint8), "RGB", "YBR_FULL")

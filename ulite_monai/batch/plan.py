@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.io.dicom_series import DicomSeries, discover_inputs, sanitize_name
+from ulite_monai.io.dicom_series import DicomSeries, ImageInstance, discover_inputs, sanitize_name
 from ulite_monai.io.series_selection import SeriesSelector
 
 __all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "output_stem", "series_stem", "VOLUME_SUFFIXES",
@@ -25,7 +25,8 @@ __all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "output_stem", "series_
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # every output a series can have: <out_stem><suffix>
-OUTPUT_SUFFIXES = (".seg.dcm", ".rtstruct.dcm", ".sr.dcm", ".qc.png", ".nii.gz", ".nii", ".nrrd", ".mha")
+OUTPUT_SUFFIXES = (".seg.dcm", ".rtstruct.dcm", ".sr.dcm", ".qc.png", ".overlay.png", ".nii.gz", ".nii", ".nrrd",
+                   ".mha", ".png")
 
 
 def output_stem(rel_path: str) -> str:
@@ -38,14 +39,17 @@ def output_stem(rel_path: str) -> str:
 
 @dataclass
 class WorkItem:
-    """One series (or volume file) to segment.
+    """One series, volume file or 2D image to segment.
 
     Attributes:
-        key: manifest key (``<study>/<series>`` key of the series, or ``file:<relative path>``).
-        kind: ``"dicom"`` or ``"file"``.
+        key: manifest key (``dicom:<study>/<series>`` of a series, ``dicom:<study>/<series>/<instance>`` of a 2D
+            DICOM image, or ``file:<relative path>``).
+        kind: ``"dicom"`` (a series), ``"file"`` (a volume file), ``"image"`` (a PNG/JPEG/TIFF/BMP file) or
+            ``"dicom2d"`` (a single-frame 2D DICOM image); the last two for a 2D bundle.
         out_stem: output path relative to the output folder, without extension.
         series: the DICOM series (``kind == "dicom"``).
-        path: the volume file (``kind == "file"``).
+        path: the file to read (``kind`` ``"file"``, ``"image"``, ``"dicom2d"``).
+        image: the 2D DICOM image's header facts (``kind == "dicom2d"``).
         selection: the selection rule that took it.
         previous_outputs: output paths (relative to the output folder) of this key's last manifest row; a
             new result replaces them all.
@@ -58,6 +62,7 @@ class WorkItem:
     out_stem: str
     series: DicomSeries | None = None
     path: str | None = None
+    image: ImageInstance | None = None
     selection: str = ""
     previous_outputs: list[str] = field(default_factory=list)
     source: str = ""
@@ -90,19 +95,23 @@ def item_row(item: WorkItem) -> dict[str, Any]:
             input=item.source or (os.path.dirname(s.files[0]) if s.files else ""),
             slices=s.num_slices,
         )
+    elif item.image is not None:
+        im = item.image
+        row.update(study_uid=im.study_uid, series_uid=im.series_uid, sop_instance_uid=im.sop_instance_uid,
+                   modality=im.modality, series_description=im.description[:64], input=item.path)
     else:
         row.update(input=item.path)
     row["selection"] = item.selection
     return row
 
 
-def _volume_stem(rel: str) -> str:
+def _volume_stem(rel: str, folder: str = "volumes", suffixes: tuple[str, ...] = VOLUME_SUFFIXES) -> str:
     base = rel
-    for suf in VOLUME_SUFFIXES:
+    for suf in suffixes:
         if base.lower().endswith(suf):
             base = base[: -len(suf)]
             break
-    return "volumes/" + "/".join(sanitize_name(part) for part in Path(base).parts)
+    return f"{folder}/" + "/".join(sanitize_name(part) for part in Path(base).parts)
 
 
 def _unique_stems(items: list[WorkItem], manifest: Manifest) -> None:
@@ -143,6 +152,7 @@ def plan_batch(
     rules: dict | None = None,
     all_matched: bool | None = None,
     overwrite: bool = False,
+    images_2d: bool = False,
 ) -> Plan:
     """Discover inputs under ``input_dir``, select series by ``rules``, and drop what is already finished.
 
@@ -154,13 +164,22 @@ def plan_batch(
         rules: MONAI Deploy selection rules (parsed); ``None`` takes every image series.
         all_matched: per study and selection, keep every matching series (``False``: the first only).
         overwrite: redo finished series too.
+        images_2d: the model is 2D: every single-frame 2D DICOM image and every PNG/JPEG/TIFF/BMP file is an
+            item (image by image, no series selection), DICOM series are skipped with the reason (a 2D model
+            takes them slice by slice through the bundle's slice-wise config), volume files are read as 2D
+            images (a 3D one then fails with its reason).
     """
     import time
 
     t0 = time.perf_counter()
     plan = Plan()
-    found = discover_inputs(input_dir, exclude=[output_dir])
-    selected, not_selected = SeriesSelector(rules, all_matched=all_matched).select(found.series)
+    found = discover_inputs(input_dir, exclude=[output_dir], images_2d=images_2d)
+    if images_2d:
+        selected = []
+        not_selected = {s.key: "a DICOM series; this bundle's model is 2D: merge its inference_slicewise.json "
+                               "(--config) to segment series slice by slice" for s in found.series}
+    else:
+        selected, not_selected = SeriesSelector(rules, all_matched=all_matched).select(found.series)
     in_root = Path(input_dir)
     for sk in found.skipped:
         rel = os.path.relpath(sk.path, in_root) if in_root.is_dir() else sk.path
@@ -184,6 +203,13 @@ def plan_batch(
     for p in found.volume_files:
         rel = os.path.relpath(p, in_root) if in_root.is_dir() else os.path.basename(p)
         items.append(WorkItem(f"file:{rel}", "file", _volume_stem(rel), path=p, selection="volume file"))
+    for p in found.image_files:
+        rel = os.path.relpath(p, in_root) if in_root.is_dir() else os.path.basename(p)
+        stem = _volume_stem(rel, "images", (".png", ".jpg", ".jpeg", ".tiff", ".tif", ".bmp"))
+        items.append(WorkItem(f"file:{rel}", "image", stem, path=p, selection="image file"))
+    for im in found.images:
+        stem = "/".join(sanitize_name(u) for u in (im.study_uid, im.series_uid, im.sop_instance_uid))
+        items.append(WorkItem(im.key, "dicom2d", stem, path=im.path, image=im, selection="2D DICOM image"))
     _unique_stems(items, manifest)
     for it in items:
         prev = _previous_row(manifest, it)

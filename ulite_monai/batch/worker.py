@@ -1,5 +1,5 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
-"""One series through the bundle: read (and preprocess), infer, write the outputs, make its manifest row.
+"""One series (or 2D image) through the bundle: read (and preprocess), infer, write the outputs, make its row.
 
 A DICOM series enters the bundle's pipeline as an uncompressed NRRD written to the batch's temporary folder
 (double-precision geometry, read by the bundle's own reader), so the bundle's chain runs from its first
@@ -25,7 +25,7 @@ from ulite_monai.batch.plan import OUTPUT_SUFFIXES, WorkItem, item_row
 from ulite_monai.batch.remote import remove_download
 from ulite_monai.batch.qc import ConfidenceProbe, ReviewRules, review_reasons, write_preview
 from ulite_monai.bundle import InferencePipeline
-from ulite_monai.io.dicom_seg import build_dicom_seg
+from ulite_monai.io.dicom_seg import build_dicom_seg, build_dicom_seg_2d
 from ulite_monai.io.dicom_series import POSITION_TOLERANCE, SeriesVolume, load_series_volume
 from ulite_monai.io.rtstruct import write_rtstruct
 from ulite_monai.io.sr import write_volume_report
@@ -51,12 +51,12 @@ class Loaded:
     error: BaseException | None = None
 
 
-def label_array(pred: Any) -> np.ndarray:
+def label_array(pred: Any, spatial_dims: int = 3) -> np.ndarray:
     """An integer label array (spatial dims only) from the postprocessed prediction."""
     import torch
 
     arr = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-    if arr.ndim == 4:  # channel-first
+    if arr.ndim == spatial_dims + 1:  # channel-first
         arr = arr[0] if arr.shape[0] == 1 else np.argmax(arr, axis=0)
     return np.rint(arr).astype(np.uint8)
 
@@ -161,6 +161,12 @@ class SeriesWorker:
         conf = dict(self.probe.last)
         t = time.perf_counter()
         pred = output[self.pipeline.info.pred_key]
+        if ld.item.kind in ("image", "dicom2d") or self.pipeline.info.spatial_dims == 2:
+            row.update(self._image_result(ld, pred, conf))
+            row["timings_s"] = {"read": round(ld.read_s, 4), "preprocess": round(ld.preprocess_s, 4),
+                                "model": round(model_s, 4), "postprocess": round(post_s, 4),
+                                "write": round(time.perf_counter() - t, 4)}
+            return row
         labels = label_array(pred)
         pred_affine = np.asarray(pred.affine, dtype=np.float64) if hasattr(pred, "affine") else None
         vol = ld.volume
@@ -223,6 +229,53 @@ class SeriesWorker:
         rel = {k: os.path.relpath(v, self.out) for k, v in outputs.items()}
         self.remove_outputs(ld.item, keep=rel.values())
         return rel, extra
+
+    def _image_result(self, ld: Loaded, pred, conf: dict) -> dict:
+        """Outputs and row fields of a 2D image: the bundle's mask (and overlay) moved into place, a SEG that
+        references a DICOM source, areas in pixels (and mm² where the image has a pixel spacing)."""
+        labels = label_array(pred, 2).T  # (x, y) as MONAI reads images -> (rows, columns)
+        meta = getattr(pred, "meta", {}) or {}
+        px = np.abs(np.diag(np.asarray(pred.affine, dtype=np.float64))[:2]) if hasattr(pred, "affine") else (1, 1)
+        row: dict[str, Any] = {"shape": list(labels.shape)}
+        row["areas_px"] = {self.names[n]: int(np.sum(labels == n)) for n in self.names}
+        if meta.get("spacing_known"):
+            row["areas_mm2"] = {k: round(v * float(px[0] * px[1]), 3) for k, v in row["areas_px"].items()}
+        empty = not any(row["areas_px"].values())
+        reasons = review_reasons(labels, self.names, conf, False, self.review)
+        row.update(needs_review=bool(reasons), review_reasons=reasons, confidence=conf)
+        stem = self.out / ld.item.out_stem
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        outputs: dict[str, Path] = {}
+        for p in sorted(q for q in self.staging.rglob("*") if q.is_file()):
+            overlay = p.name.lower().endswith(("_overlay.png", "_overlay.jpg"))
+            key, dest = ("overlay", stem.with_name(stem.name + ".overlay" + p.suffix)) if overlay else (
+                "mask", stem.with_name(stem.name + (".nii.gz" if p.name.lower().endswith(".nii.gz") else p.suffix)))
+            if key in outputs:
+                raise RuntimeError(f"the bundle's postprocessing wrote several {key} files for one input; expected one")
+            tmp = dest.with_name(".tmp-" + dest.name)
+            shutil.move(str(p), str(tmp))  # same file system: a rename
+            os.replace(tmp, dest)
+            outputs[key] = dest
+        if "mask" not in outputs:
+            from PIL import Image
+
+            outputs["mask"] = stem.with_name(stem.name + ".png")
+            save_atomically(lambda tmp: Image.fromarray((labels > 0).astype(np.uint8) * 255).save(tmp, "PNG"),
+                            outputs["mask"])
+        if ld.item.kind == "dicom2d" and "seg" in self.formats and not empty:
+            import pydicom
+
+            seg = build_dicom_seg_2d(labels, pydicom.dcmread(ld.item.path), self.segments, self.pipeline.name,
+                                     self.pipeline.version, seg_type=self.seg_type,
+                                     software_version=self.software_version)
+            outputs["seg"] = stem.with_name(stem.name + ".seg.dcm")
+            save_atomically(seg.save_as, outputs["seg"])
+            row.update(seg_type=self.seg_type, seg_frames=int(seg.NumberOfFrames))
+        rel = {k: os.path.relpath(v, self.out) for k, v in outputs.items()}
+        self.remove_outputs(ld.item, keep=rel.values())
+        row.update(outputs=rel, status="empty" if empty else "done",
+                   reason="no pixel predicted for any label (no SEG written)" if empty else "")
+        return row
 
     def remove_outputs(self, item: WorkItem, keep=()) -> None:
         """Delete this item's earlier outputs (its last row's, and any output name at its stem) except ``keep``."""

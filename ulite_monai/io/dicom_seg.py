@@ -29,8 +29,8 @@ import numpy as np
 from ulite_monai.io.dicom_series import SeriesVolume
 from ulite_monai.utils import save_atomically
 
-__all__ = ["SegmentInfo", "SEG_TYPES", "segments_from_channel_def", "build_dicom_seg", "write_dicom_seg",
-           "label_volume_to_source_frames"]
+__all__ = ["SegmentInfo", "SEG_TYPES", "segments_from_channel_def", "build_dicom_seg", "build_dicom_seg_2d",
+           "write_dicom_seg", "label_volume_to_source_frames"]
 
 _BACKGROUND = {"background", "bg", "_background_", "none", "other"}
 _ABNORMAL = {"lesion", "tumor", "tumour", "neoplasm", "mass", "nodule", "cyst", "metastasis", "abnormal"}
@@ -152,6 +152,46 @@ def build_dicom_seg(
             ``"labelmap"`` (Label Map Segmentation Storage, DICOM 2024: one frame per source plane holding
             any label, the label value per pixel; compact for multi-class results, newer readers only).
     """
+    sources, frames = label_volume_to_source_frames(np.asarray(labels), volume)
+    return _segmentation(sources, frames, segments, algorithm_name, algorithm_version, seg_type, series_number,
+                         series_description, manufacturer, software_version)
+
+
+def build_dicom_seg_2d(
+    labels: np.ndarray,
+    source,
+    segments: Sequence[SegmentInfo],
+    algorithm_name: str,
+    algorithm_version: str,
+    seg_type: str = "binary",
+    series_number: int = 9901,
+    series_description: str = "ulite-monai segmentation",
+    manufacturer: str = "ulite-monai",
+    software_version: str | None = None,
+):
+    """The SEG of one single-frame 2D image (secondary capture, VL photograph, ultrasound, X-ray), or None.
+
+    Args:
+        labels: integer labels ``(rows, columns)`` on the image's pixel grid.
+        source: the image's pydicom dataset (with pixel data).
+        segments, algorithm_name, ...: as :func:`build_dicom_seg`.
+
+    Images without a patient-based frame of reference are referenced by their pixel matrix alone; the SEG
+    then carries an empty PatientOrientation, as the General Image module asks.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != (int(source.Rows), int(source.Columns)):
+        raise ValueError(f"label {labels.shape} does not match the image's {source.Rows}x{source.Columns} pixels")
+    seg = _segmentation([source], labels[None], segments, algorithm_name, algorithm_version, seg_type, series_number,
+                        series_description, manufacturer, software_version)
+    if seg is not None and "ImageOrientationPatient" not in seg and "PatientOrientation" not in seg:
+        seg.PatientOrientation = source.get("PatientOrientation", "")
+    return seg
+
+
+def _segmentation(sources, frames, segments, algorithm_name, algorithm_version, seg_type, series_number,
+                  series_description, manufacturer, software_version):
+    """A highdicom ``Segmentation`` of label ``frames`` (one per source frame) over ``sources``, or None."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -160,7 +200,6 @@ def build_dicom_seg(
         raise ValueError("no segments to write: the bundle metadata names no foreground label")
     if seg_type not in SEG_TYPES:
         raise ValueError(f"unknown SEG type {seg_type!r}; choose from {SEG_TYPES}")
-    sources, frames = label_volume_to_source_frames(np.asarray(labels), volume)
     numbers = [s.number for s in segments]
     frames = np.where(np.isin(frames, numbers), frames, 0)
     if not np.any(frames):

@@ -50,6 +50,8 @@ from pydicom.uid import UID
 
 __all__ = [
     "IMAGE_SOP_CLASSES",
+    "IMAGE_2D_SOP_CLASSES",
+    "ImageInstance",
     "VOLUME_FILE_SUFFIXES",
     "DicomFrame",
     "DicomSeries",
@@ -77,6 +79,27 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET Image Storage",
 }
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+# Single-frame 2D image storage classes a 2D bundle segments image by image (``discover_inputs(images_2d=True)``).
+IMAGE_2D_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.1": "VL Endoscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.2": "VL Microscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.4": "VL Photographic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1": "Video Photographic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
+}
+IMAGE_2D_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 # Files the batch reads as whole volumes (through the bundle's LoadImaged reader).
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -163,10 +186,29 @@ class SkippedInput:
 
 
 @dataclass
+class ImageInstance:
+    """A single-frame 2D DICOM image (what a 2D bundle segments), header only."""
+
+    path: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str = ""
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"dicom:{self.study_uid}/{self.series_uid}/{self.sop_instance_uid}"
+
+
+@dataclass
 class DiscoveryResult:
     series: list[DicomSeries]
     volume_files: list[str]
     skipped: list[SkippedInput]
+    images: list[ImageInstance] = field(default_factory=list)  # 2D DICOM images (``images_2d=True``)
+    image_files: list[str] = field(default_factory=list)  # PNG/JPEG/TIFF/BMP files (``images_2d=True``)
 
 
 def _float_list(value: Any) -> list[float]:
@@ -278,7 +320,8 @@ def _walk(root: Path, exclude: set[Path], follow_symlinks: bool) -> tuple[list[P
 
 
 def discover_inputs(
-    root: str | os.PathLike, follow_symlinks: bool = False, exclude: list[str | os.PathLike] | None = None
+    root: str | os.PathLike, follow_symlinks: bool = False, exclude: list[str | os.PathLike] | None = None,
+    images_2d: bool = False,
 ) -> DiscoveryResult:
     """Walk ``root``; read DICOM headers only, group image instances by study and series.
 
@@ -292,6 +335,9 @@ def discover_inputs(
         follow_symlinks: follow symbolic links to folders while walking.
         exclude: folders not to walk (the batch's own output folder); folders holding a batch's lock file
             are left out too, so that results are never segmented again.
+        images_2d: also collect 2D images for a 2D model: single-frame DICOM images of the classes in
+            :data:`IMAGE_2D_SOP_CLASSES` (``images``; multi-frame ones are skipped with the reason) and
+            PNG/JPEG/TIFF/BMP files (``image_files``). Without it they are skipped as before.
     """
     root = Path(root)
     if not root.exists():
@@ -304,10 +350,15 @@ def discover_inputs(
     non_image: dict[tuple[str, str, str], SkippedInput] = {}
     damaged: list[SkippedInput] = []  # image files without UIDs: tied to the series of their folder
     volumes: list[str] = []
+    images: list[ImageInstance] = []
+    image_files: list[str] = []
     for p in paths:
         sp = str(p)
         if _is_volume_file(p.name):
             volumes.append(sp)
+            continue
+        if images_2d and p.name.lower().endswith(IMAGE_2D_FILE_SUFFIXES):
+            image_files.append(sp)
             continue
         try:
             ds = _read_header(sp)
@@ -316,6 +367,9 @@ def discover_inputs(
             continue
         except Exception as e:  # truncated header, bad VR, unreadable file
             damaged.append(SkippedInput(sp, f"unreadable DICOM header ({type(e).__name__}: {e})"))
+            continue
+        if images_2d and str(ds.get("SOPClassUID", "")) in IMAGE_2D_SOP_CLASSES:
+            _add_2d_image(ds, sp, images, skipped)
             continue
         add_instance(ds, sp, series, non_image, damaged, skipped)
     for d in damaged:  # one rule: a damaged instance fails the series it belongs to
@@ -327,7 +381,23 @@ def discover_inputs(
         else:
             skipped.append(SkippedInput(d.path, f"{d.reason}; re-export the file"))
     # A series whose image instances all fell out still shows up so the manifest can say why.
-    return DiscoveryResult(list(series.values()), volumes, skipped + list(non_image.values()))
+    return DiscoveryResult(list(series.values()), volumes, skipped + list(non_image.values()), images, image_files)
+
+
+def _add_2d_image(ds: Dataset, path: str, images: list, skipped: list) -> None:
+    """Take a single-frame 2D DICOM image; set aside multi-frame ones and files without UIDs, with the reason."""
+    study_uid, series_uid = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+    if not study_uid or not series_uid or "SOPInstanceUID" not in ds:
+        skipped.append(SkippedInput(path, "DICOM header without Study/Series/SOP Instance UID (truncated or "
+                                          "incomplete file); re-export the file"))
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        skipped.append(SkippedInput(path, f"{frames}-frame {IMAGE_2D_SOP_CLASSES[str(ds.SOPClassUID)]}: a 2D model "
+                                          "takes single-frame images", study_uid, series_uid))
+        return
+    images.append(ImageInstance(path, study_uid, series_uid, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                str(ds.get("Modality", "")), str(ds.get("SeriesDescription", ""))))
 
 
 def add_instance(ds: Dataset, path: str, series: dict, non_image: dict, damaged: list, skipped: list) -> None:
