@@ -64,22 +64,15 @@ def confidence(logits) -> dict:
 
 
 class ConfidenceProbe:
-    """Measures :func:`confidence` on every output of ``pipeline.predict`` (the pipeline runs unchanged).
-
-    The pipeline's own ``predict`` is wrapped on this instance, so ``infer_and_postprocess`` stays the one
-    inference path; :attr:`last` holds the measures of the latest call.
-    """
+    """Measures :func:`confidence` on every raw output of the pipeline (``InferencePipeline.observe``);
+    :attr:`last` holds the measures of the latest call."""
 
     def __init__(self, pipeline) -> None:
         self.last: dict = {}
-        inner = pipeline.predict
+        pipeline.observe(self._measure)
 
-        def predict(inputs):
-            out = inner(inputs)
-            self.last = confidence(out)
-            return out
-
-        pipeline.predict = predict
+    def _measure(self, pred) -> None:
+        self.last = confidence(pred)
 
 
 def review_reasons(labels: np.ndarray, label_values, conf: dict, resampled: bool, rules: ReviewRules) -> list[str]:

@@ -117,6 +117,7 @@ class InferencePipeline:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
+        self._observers: list = []
         if quiet:
             from monai.transforms import SaveImaged
 
@@ -165,10 +166,18 @@ class InferencePipeline:
         """The bundle's preprocessing on ``{image_key: image}`` (a path, or what the reader accepts)."""
         return self.preprocessing({self.info.image_key: image})
 
+    def observe(self, fn) -> None:
+        """Call ``fn(prediction)`` with every raw network output :meth:`predict` returns (before postprocessing),
+        e.g. to measure the model's confidence without running it twice."""
+        self._observers.append(fn)
+
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inferer(inputs, network)`` on the pipeline's device, without gradients, under :meth:`autocast`."""
         with torch.no_grad(), self.autocast():
-            return self.inferer(inputs.to(self.device), self.network)
+            pred = self.inferer(inputs.to(self.device), self.network)
+        for fn in self._observers:
+            fn(pred)
+        return pred
 
     def infer_and_postprocess(self, data: dict) -> tuple[dict, float, float]:
         """Inferer and postprocessing on one preprocessed item; returns (output dict, model s, postprocess s)."""
