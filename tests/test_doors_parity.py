@@ -34,6 +34,17 @@ print(json.dumps({"label": label, "sha": result.get("checkpoint_sha256")}))
 """
 
 
+def bundle_run(root, override, ckpt, image, out) -> None:
+    """``python -m monai.bundle run`` of the bundle copy's inference.json + ``override`` on ``image`` (CPU)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         f"['{root}/configs/inference.json','{override}']", "--meta_file", f"{root}/configs/metadata.json",
+         "--bundle_root", str(root), "--ckpt_path", str(ckpt), "--input", str(image),
+         "--output_dir", str(out), "--device", "$torch.device('cpu')"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=out.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def calibrated_checkpoint(bundle: Bundle, image: str, out) -> None:
     """Seeded weights of the bundle's network_def, the foreground bias shifted so that about half of ``image`` is
     labelled: the label has structure, so a flip, shift or resampling difference anywhere would show."""
@@ -65,13 +76,7 @@ def test_every_door_gives_the_same_label(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     # 1. python -m monai.bundle run (the bundle's own evaluator, fused network on the CPU)
-    run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-         f"['{root}/configs/inference.json','{override}']", "--meta_file", f"{root}/configs/metadata.json",
-         "--bundle_root", str(root), "--ckpt_path", str(ckpt), "--input", str(image),
-         "--output_dir", str(tmp_path / "run"), "--device", "$torch.device('cpu')"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    bundle_run(root, override, ckpt, image, tmp_path / "run")
     by_run = nib.load(str(tmp_path / "run" / "case_seg.nii.gz"))
 
     # 2. ulite-dicom on the same file
@@ -133,15 +138,7 @@ def test_every_door_gives_the_same_2d_label(tmp_path):
         last.bias.sub_(float(logits.flatten().median()))
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
-    run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-         f"['{root}/configs/inference.json','{override}']", "--meta_file", f"{root}/configs/metadata.json",
-         "--bundle_root", str(root), "--ckpt_path", str(ckpt), "--input", str(image),
-         "--output_dir", str(tmp_path / "run"), "--device", "$torch.device('cpu')"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    bundle_run(root, override, ckpt, image, tmp_path / "run")
     ref = np.asarray(Image.open(tmp_path / "run" / "photo_seg.png")) > 0
     assert ref.shape == (120, 150) and 0.05 < ref.mean() < 0.95
     assert (tmp_path / "run" / "photo_overlay.png").is_file()
