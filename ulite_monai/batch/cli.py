@@ -7,6 +7,10 @@ Example::
     python -m ulite_monai.batch /data/exports /data/results --formats seg --overwrite
     ulite-dicom --from dicomweb://pacs.example.org/dicom-web --study-date 20240101-20240131 --modality CT \
         /data/results --push dicomweb://pacs.example.org/dicom-web --push dimse://ARCHIVE@10.0.0.5:104
+    ulite-dicom /data/exports /data/results --ray --workers 4            # a private Ray instance on this machine
+    ulite-dicom /data/exports /data/results --ray head-node:6379 --workers 8 --gpus-per-worker 0.5
+    ulite-dicom /data/exports /data/results --num-shards 16 --shard-id 3  # one task of a job array
+    ulite-dicom merge /data/results                                       # after the last shard
 
 Exit status: 0 all fine; 1 finished, some series failed; 2 bad arguments, bundle or PACS query;
 3 the output folder cannot be written; 4 finished, every series fine but some objects not pushed.
@@ -115,11 +119,69 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID=JSON",
         help="override a config id, e.g. --set inferer#sw_batch_size=2",
     )
+    s = p.add_argument_group(
+        "scale-out (docs/scale_out.md): a Ray actor pool, or static shards for job arrays + 'ulite-dicom merge OUT'")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="segment on Ray workers that each hold the model once; ADDRESS of a running cluster "
+                   "(HOST:PORT, auto, ray://HOST:10001) or none for a private loopback instance on this machine "
+                   "(needs the ray extra: pip install 'ulite-monai[ray]')")
+    s.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker (default 1)")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="Ray GPUs per worker (default 0; 0.5 puts two workers on a GPU); > 0 runs the model on CUDA")
+    s.add_argument("--num-shards", type=int, default=None, metavar="N",
+                   help="split the input into N shards by a stable hash of each series key and run one of them "
+                   "(SLURM arrays, Kubernetes Indexed Jobs); all shards write to the same OUTPUT")
+    s.add_argument("--shard-id", type=int, default=None, metavar="K",
+                   help="the shard to run, 0..N-1 (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN or "
+                   "$JOB_COMPLETION_INDEX)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ulite-dicom merge",
+        description="After every shard (--num-shards) has finished: append the shard manifests to "
+        "OUTPUT/manifest.jsonl, finish commits a killed shard left, write OUTPUT/batch_summary.json (final counts, "
+        "each shard's figures, shards that never reported). Exit status: 0 all fine; 1 some series failed or "
+        "shards are missing; 2 a shard is still running or OUTPUT is not an output folder.",
+    )
+    p.add_argument("output", type=Path, help="the shards' output folder")
+    p.add_argument("--wait", action="store_true", help="wait for running shards instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def merge_main(argv: list[str]) -> int:
+    """``ulite-dicom merge OUTPUT``."""
+    import json
+
+    from ulite_monai.batch.shards import ShardError, merge
+
+    args = build_merge_parser().parse_args(argv)
+    try:
+        summary = merge(args.output, wait=args.wait)
+    except (ShardError, FileNotFoundError) as e:
+        print(f"ulite-dicom merge: {e}", file=sys.stderr)
+        return 2
+    c, sh = summary["counts"], summary.get("shards") or {}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        shards = (f"; shards reported {len(sh['reported'])}/{sh['count']}" + (f", missing {sh['missing']}"
+                  if sh["missing"] else "") + (f", {sh['series_per_minute_combined']} series/min together"
+                  if sh.get("series_per_minute_combined") else "")) if sh else ""
+        print(f"ulite-dicom merge: {summary['merged']['merged_rows']} rows merged; {summary['keys']} keys: "
+              f"{c['done']} done, {c['empty']} empty, {c['failed']} failed, {c['skipped']} skipped{shards}; "
+              f"summary {Path(args.output) / 'batch_summary.json'}")
+    return 1 if c["failed"] or sh.get("missing") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:  # sub-command (an input folder named "merge": write ./merge)
+        return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -209,6 +271,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.position_tolerance is not None:
         opts.position_tolerance = args.position_tolerance
+    if args.ray is not None and args.num_shards is not None:
+        print("ulite-dicom: use either --ray or --num-shards (a shard may not run on Ray)", file=sys.stderr)
+        return 2
+    if args.num_shards is not None or args.shard_id is not None:
+        from ulite_monai.batch.shards import ShardError, shard_from_env
+
+        try:
+            opts.shard = shard_from_env(args.num_shards if args.num_shards is not None else 0, args.shard_id)
+        except (ShardError, ValueError) as e:
+            print(f"ulite-dicom: {e}", file=sys.stderr)
+            return 2
+    if args.ray is not None:
+        from ulite_monai.batch.ray_runner import RayOptions, import_ray
+
+        if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
+            print("ulite-dicom: --workers must be 1 or more, --cpus/--gpus-per-worker 0 or more", file=sys.stderr)
+            return 2
+        ray_opts = RayOptions(address=args.ray, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                              gpus_per_worker=args.gpus_per_worker, threads=args.threads,
+                              in_flight=1 if args.no_prefetch else 2, verbose=args.verbose)
+        try:
+            import_ray(ray_opts.local)
+        except RuntimeError as e:
+            print(f"ulite-dicom: {e}", file=sys.stderr)
+            return 2
+        opts.ray = ray_opts
     try:
         summary = run_batch(opts)
     except OutputFolderError as e:
@@ -229,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ulite-dicom: {c['done']} done, {c['empty']} empty, {c['failed']} failed, {c['skipped']} skipped, "
         f"{c['already_done']} already done, {c['needs_review']} need review{pushed}; "
-        f"{summary['series_per_minute'] or 0} series/min; manifest {Path(args.output) / 'manifest.jsonl'}"
+        f"{summary['series_per_minute'] or 0} series/min; manifest "
+        f"{opts.shard.manifest_path(args.output) if opts.shard else Path(args.output) / 'manifest.jsonl'}"
     )
     return 1 if c["failed"] else 4 if c["push_failed"] else 0
 

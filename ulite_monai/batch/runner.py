@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ulite_monai.batch.manifest import Manifest
 from ulite_monai.batch.plan import item_row, plan_batch
@@ -76,6 +76,8 @@ class BatchOptions:
     netrc_file: str | None = None
     attempts: int = 3
     retry_delay_s: float = 1.0
+    shard: Any = None  # a batch.shards.Shard: run only that shard's keys (--num-shards/--shard-id)
+    ray: Any = None  # a batch.ray_runner.RayOptions: segment on a Ray actor pool (--ray)
 
 
 @contextlib.contextmanager
@@ -154,14 +156,24 @@ def run_batch(opts: BatchOptions) -> dict:
         raise ValueError(f"unknown output format(s) {[f for f in formats if f not in FORMATS]}; choose from {FORMATS}")
     if "sr" in formats and "seg" not in formats:
         raise ValueError("the SR volume report references the SEG: --formats sr needs seg too")
-    with _exclusive(out):
-        cleaned = _clean_partial_files(out)
-        tmp_dir, staging = out / ".tmp", out / ".tmp" / "staging"
+    shard = opts.shard
+    started = time.time()
+    with shard.hold(out) if shard is not None else _exclusive(out):
+        if shard is None:
+            from ulite_monai.batch.shards import absorb
+
+            absorb(out)  # shard manifests merged, commits a killed shard/Ray run left half done finished
+            cleaned = _clean_partial_files(out)
+            tmp_dir, manifest = out / ".tmp", Manifest(out / "manifest.jsonl")
+        else:  # a shard: its own manifest and temporaries, results committed through attempt folders
+            tmp_dir, manifest = shard.scope(out), shard.manifest(out)
+            cleaned = shard.clean(out, manifest)
+        staging = tmp_dir / "staging"
         staging.mkdir(parents=True, exist_ok=True)
-        manifest = Manifest(out / "manifest.jsonl")
         pipeline = Bundle(opts.bundle_dir, opts.config_files, opts.overrides).pipeline(
-            device=opts.device, checkpoint=opts.checkpoint, random_weights=opts.allow_random_weights,
-            fuse=opts.fuse, amp=opts.amp, output_dir=staging, quiet=True)
+            device=opts.device if opts.ray is None else "cpu",  # with Ray the driver only plans: no GPU here
+            checkpoint=opts.checkpoint, random_weights=opts.allow_random_weights, fuse=opts.fuse, amp=opts.amp,
+            output_dir=staging, quiet=True)
         fetch = None
         if opts.source is not None:
             pacs = DicomWebPacs(opts.source, opts.ca_bundle, opts.netrc_file)
@@ -171,6 +183,8 @@ def run_batch(opts: BatchOptions) -> dict:
         else:
             plan = plan_batch(opts.input_dir, out, manifest, pipeline.model_version, opts.rules, opts.all_matched,
                               opts.overwrite, images_2d=pipeline.info.spatial_dims == 2)
+        if shard is not None:
+            plan = shard.select(plan, manifest, pipeline.model_version, out)
         pusher = Pusher(opts.push, out, opts.ca_bundle, opts.netrc_file, opts.attempts, opts.retry_delay_s) \
             if opts.push else None
         counts = {"done": 0, "empty": 0, "skipped": 0, "failed": 0, "already_done": plan.already_done,
@@ -181,21 +195,30 @@ def run_batch(opts: BatchOptions) -> dict:
                 manifest.append({**row, "finished_at": _now()})
         if pusher is not None:  # finished earlier, but an object did not reach a destination: push it now
             for key, row in list(manifest.rows.items()):
-                if pusher.pending(row) and key not in {it.key for it in plan.todo}:
+                if pusher.pending(row) and key not in {it.key for it in plan.todo} and (shard is None or
+                                                                                      shard.owns(key)):
                     row = pusher.push(row)
                     counts["repushed"] += 1
                     counts["push_failed"] += row["push_status"] != "ok"
                     manifest.append({**row, "finished_at": _now()})
-        worker = SeriesWorker(pipeline, out, tmp_dir, staging, formats, opts.max_gap_ratio,
-                              software_version=f"ulite-monai {_package_version()}",
-                              position_tolerance=opts.position_tolerance, seg_type=opts.seg_type, review=opts.review,
-                              fetch=fetch)
-        loop = _run_items(plan.todo, worker, manifest, counts, opts, pusher)
+        torn_lines = manifest.torn_lines
+        if opts.ray is not None:  # the driver plans and commits; a Ray actor pool segments (batch/ray_runner.py)
+            from ulite_monai.batch.ray_runner import run_items_on_ray
+
+            loop = run_items_on_ray(plan.todo, pipeline, manifest, counts, opts, pusher, out, tmp_dir)
+        else:
+            worker = SeriesWorker(pipeline, out, tmp_dir, staging, formats, opts.max_gap_ratio,
+                                  software_version=f"ulite-monai {_package_version()}",
+                                  position_tolerance=opts.position_tolerance, seg_type=opts.seg_type,
+                                  review=opts.review, fetch=fetch)
+            if shard is not None:
+                worker, manifest = shard.committing(worker, manifest, out)
+            loop = _run_items(plan.todo, worker, manifest, counts, opts, pusher)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         n_run, loop_s = len(plan.todo), loop["loop_s"]
         summary = {
             "model_version": pipeline.model_version,
-            "device": str(pipeline.device),
+            "device": loop.get("device") or str(pipeline.device),
             "input": opts.source.text if opts.source is not None else str(opts.input_dir),
             "output": str(out),
             "counts": counts,
@@ -209,9 +232,13 @@ def run_batch(opts: BatchOptions) -> dict:
             "model_fraction_of_loop": round(loop["model_s"] / loop_s, 4) if loop_s > 0 else None,
             "series_per_minute": round(60.0 * n_run / loop_s, 2) if loop_s > 0 and n_run else None,
             "cleaned_partial_files": cleaned,
-            "torn_manifest_lines": manifest.torn_lines,
+            "torn_manifest_lines": torn_lines,
         }
-        save_json_atomically(summary, out / "batch_summary.json")
+        if "engine" in loop:
+            summary["engine"] = loop["engine"]
+        if shard is not None:
+            summary.update(shard.describe(started))
+        save_json_atomically(summary, shard.summary_path(out) if shard is not None else out / "batch_summary.json")
         return summary
 
 
