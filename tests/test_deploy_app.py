@@ -54,8 +54,8 @@ def test_deploy_app_seg_equals_ulite_dicom(tmp_path):
             if kind == "seg":
                 a, b = pydicom.dcmread(batch / rel), pydicom.dcmread(app / rel)
                 np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
-                ref = [sorted(x.ReferencedSOPInstanceUID for x in d.ReferencedSeriesSequence[0].ReferencedInstanceSequence)
-                       for d in (a, b)]
+                ref = [sorted(x.ReferencedSOPInstanceUID
+                              for x in d.ReferencedSeriesSequence[0].ReferencedInstanceSequence) for d in (a, b)]
                 assert ref[0] == ref[1] and a.FrameOfReferenceUID == b.FrameOfReferenceUID
                 assert [s.SegmentLabel for s in a.SegmentSequence] == [s.SegmentLabel for s in b.SegmentSequence]
                 assert "MONAI Deploy" in str(b.SoftwareVersions)
