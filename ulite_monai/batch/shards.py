@@ -329,15 +329,18 @@ def cohort_summary(out: str | os.PathLike) -> dict:
         n = max(s["shard"]["count"] for s in shards)
         latest = {s["shard"]["id"]: s for s in shards if s["shard"]["count"] == n}
         run = sum(s.get("series_run", 0) for s in latest.values())
-        starts = [s["started_at_epoch"] for s in latest.values() if "started_at_epoch" in s]
-        ends = [s["ended_at_epoch"] for s in latest.values() if "ended_at_epoch" in s]
-        span = max(ends) - min(starts) if starts and ends else None
+        timed = [s for s in latest.values() if "ended_at_epoch" in s and "started_at_epoch" in s]
+        ends = [s["ended_at_epoch"] for s in timed]
+        # loops: from the first shard's first series to the last shard's end; wall: from the first shard's start
+        span = max(ends) - min(s["ended_at_epoch"] - s.get("loop_s", 0) for s in timed) if timed else None
+        wall = max(ends) - min(s["started_at_epoch"] for s in timed) if timed else None
         summary["shards"] = {
             "count": n,
             "reported": sorted(latest),
             "missing": [k for k in range(n) if k not in latest],
             "series_run": run,
             "span_s": round(span, 3) if span else None,
+            "wall_span_s": round(wall, 3) if wall else None,
             "series_per_minute_combined": round(60.0 * run / span, 2) if span and run else None,
             "per_shard": [{"id": k, "series_run": s.get("series_run"), "series_per_minute": s.get("series_per_minute"),
                            "wall_s": s.get("wall_s"), "counts": s.get("counts")} for k, s in sorted(latest.items())],
