@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
             if "engine" in s:
                 e = s["engine"]
                 figures.update(ray_connect_s=e["connect_s"], ray_first_series_s=e["connect_to_first_series_s"],
-                               workers_lost=e["workers_lost"], threads_per_worker=max(1, cores // n))
+                               workers_lost=e["workers_lost"], threads_per_worker=max(1, cores // n),
+                               driver_commit_s_per_series=round(e.get("driver_commit_s", 0) / args.series, 4))
+            figures["mean_stage_s"] = {k: round(sum(r["timings_s"].get(k, 0) for r in rows) / max(1, len(rows)), 3)
+                                       for k in ("read", "preprocess", "model", "postprocess", "write", "wait")}
         figures["results_vs_plain"] = _check_same(work / "out_plain", out) if name != "plain" and \
             (work / "out_plain").exists() else None
         runs[name] = figures

@@ -179,6 +179,10 @@ def merge_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # with the deploy extra installed, `import monai` loads holoscan, which warns about the stack size limit
+    warnings.filterwarnings("ignore", message="Current stack size", category=RuntimeWarning)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["merge"]:  # sub-command (an input folder named "merge": write ./merge)
         return merge_main(argv[1:])

@@ -104,12 +104,14 @@ class SeriesActor:
         import uuid
         import warnings
 
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Current stack size", category=RuntimeWarning)  # holoscan
+
         import torch
 
         from ulite_monai.batch.worker import SeriesWorker
         from ulite_monai.bundle import Bundle
 
-        warnings.filterwarnings("ignore", category=FutureWarning)
         logging.getLogger("monai.data.image_writer").setLevel(logging.WARNING)
         torch.set_num_threads(max(1, int(spec["threads"])))
         self.out = Path(spec["output_dir"])
@@ -250,7 +252,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
         engine = {"name": "ray", "address": address, "workers": ro.workers, "cpus_per_worker": ro.cpus_per_worker,
                   "gpus_per_worker": ro.gpus_per_worker, "connect_s": round(connect_s, 3), "workers_started": 0,
                   "workers_lost": 0, "series_retried": 0, "first_worker_ready_s": None, "worker_devices": [],
-                  "worker_nodes": []}
+                  "worker_nodes": [], "driver_commit_s": 0.0}
 
         def spawn() -> None:
             handle = actor_cls.remote(spec)
@@ -345,6 +347,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                 if item.key in committer.committed:  # a late duplicate: the first result stands
                     committer.discard(attempt)
                     continue
+                t_commit = time.perf_counter()
                 try:
                     if row["status"] in ("done", "empty"):
                         row = committer.stage(item, row, attempt)
@@ -366,6 +369,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                     committer.fail(item, row)
                 else:
                     committer.record(row)
+                engine["driver_commit_s"] += time.perf_counter() - t_commit  # (includes a push, if any)
                 timings = row.get("timings_s") or {}
                 model_s += timings.get("model", 0.0)
                 wait_s += timings.get("wait", 0.0)
@@ -382,6 +386,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
         loop_s = t_end - (t_loop or t_end)
         engine["connect_to_first_series_s"] = round((t_loop or t_end) - t_connect, 3)
         engine["worker_nodes"] = len(engine["worker_nodes"])
+        engine["driver_commit_s"] = round(engine["driver_commit_s"], 3)
         devices = sorted(set(engine["worker_devices"]))
         engine["worker_devices"] = devices
         return {"loop_s": loop_s, "model_s": model_s, "wait_s": wait_s, "push_s": push_s, "engine": engine,
