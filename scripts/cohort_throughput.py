@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         load = LoadSampler()
         load.start()
         load_start = os.getloadavg()[0]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         if name == "plain":
             procs = [_cli([inp, out, *base, "--threads", cores], work / f"{name}.log", env)]
@@ -140,8 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
             rcs.append(subprocess.run([sys.executable, "-m", "ulite_monai.batch", "merge", str(out)],
                                       capture_output=True, env=env, cwd=str(REPO)).returncode)
         wall = time.perf_counter() - t
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         figures = {"rc": rcs, "wall_s": round(wall, 2), "series_per_minute_wall": round(60 * args.series / wall, 2),
-                   "load_average_1min": {"start": round(load_start, 2), **load.stop()}}
+                   "load_average_1min": {"start": round(load_start, 2), **load.stop()},
+                   # CPU time of the run's processes that were waited for (the plain and shard processes; a Ray
+                   # instance's workers are counted only as far as their parents reaped them)
+                   "cpu_s": round(cpu_s, 1)}
         if name.startswith("shards"):
             s = json.loads((out / "batch_summary.json").read_text())
             sh = s.get("shards") or {}
