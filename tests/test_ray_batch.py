@@ -32,7 +32,7 @@ from support.scaleout import (
 
 from ulite_monai.batch.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 FLAGS = ["--random-weights", "--no-progress", "--formats", "seg,nifti,qc"]
 
