@@ -163,8 +163,10 @@ class ULiteInfer(BasicInferTask):
         return load_network(network, None, device, fuse=self.fuse), weights_id.removeprefix("sha256:")
 
     def writer(self, data: dict, extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
-        if self.dimension == 2 and extension is None and not data.get("result_extension"):
-            # a 2D label as a lossless 8-bit PNG (MONAI Label would reuse the image's extension, e.g. JPEG)
+        if (self.dimension == 2 and extension is None and not data.get("result_extension")
+                and _is_picture(data.get("image_path"))):
+            # a 2D label of a picture as a lossless 8-bit PNG (MONAI Label would reuse the image's extension,
+            # e.g. JPEG); a 2D NIfTI/NRRD image keeps its format and geometry
             extension, dtype = ".png", dtype or "uint8"
         result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
         cached = self._networks.get(data.get("device"))
@@ -173,3 +175,11 @@ class ULiteInfer(BasicInferTask):
             result_json["checkpoint"] = cached[1][0]
             result_json["checkpoint_sha256"] = cached[2]
         return result_file, result_json
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _is_picture(path: Any) -> bool:
+    """Whether ``path`` names an ordinary picture file (PNG/JPEG/TIFF/BMP) rather than a medical image."""
+    return isinstance(path, str) and path.lower().endswith(PICTURE_SUFFIXES)
