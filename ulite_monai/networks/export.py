@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -16,8 +17,12 @@ __all__ = ["export_torchscript", "export_onnx", "onnx_session"]
 
 
 def export_torchscript(net: nn.Module, path: str | os.PathLike, fuse: bool = True) -> torch.jit.ScriptModule:
-    """Script ``net`` (fused for inference by default) and save it atomically to ``path``."""
-    model = inference_network(net, fuse=fuse)
+    """Script ``net`` (fused for inference by default) and save it atomically to ``path``.
+
+    The scripted module keeps ``net``'s device and dtype (``torch.jit.load(path, map_location=...)`` moves
+    it). An unfused :class:`~ulite_monai.networks.ULite` is scripted with its reference computation.
+    """
+    model = inference_network(net, fuse=fuse, tune_allocator=False)
     scripted = torch.jit.script(model)
     save_atomically(scripted.save, path)
     return scripted
@@ -42,17 +47,21 @@ def export_onnx(
         fuse: export the fused inference network.
         opset_version: ONNX opset (>= 17).
         channels_last: export the fused graph's channels-last form. Off by default: ONNX Runtime's CPU
-            kernels work in NCHW and pick their own layouts, and the NCHW graph measured faster there
-            (9.8 ms against 12.5 ms at 1x3x256x256 on 2 cores).
+            kernels work in NCHW and pick their own layouts, and the NCHW graph ran faster there.
+
+    The network may be on any device: the export traces a CPU copy (``net`` itself is not moved).
     """
     if opset_version < 17:
         raise ValueError(f"opset_version must be >= 17, got {opset_version}.")
-    model = inference_network(net, fuse=fuse, channels_last=channels_last)
+    model = inference_network(net, fuse=fuse, channels_last=channels_last, tune_allocator=False)
+    if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
+        model = copy.deepcopy(model).cpu()  # a copy: with fuse=False, model is the caller's network
     dims = int(getattr(model, "spatial_dims", 2))
     in_ch = int(getattr(model, "in_channels", 1))
     size = tuple(spatial_size) if spatial_size is not None else (64,) * dims
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     # batch 2 and unequal sizes so the exporter cannot specialise a dim to a constant
-    example = torch.randn(2, in_ch, *[s + 32 * i for i, s in enumerate(size)])
+    example = torch.randn(2, in_ch, *[s + 32 * i for i, s in enumerate(size)], dtype=dtype)
     names = ["d", "h", "w"][-dims:] if dims <= 3 else [f"s{i}" for i in range(dims)]
     dynamic = {0: torch.export.Dim("batch")}
     for i, n in enumerate(names):

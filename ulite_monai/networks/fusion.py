@@ -25,11 +25,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ulite_monai.networks.ulite import AxialDWConv, ULite, check_input, crop_to, pad_to_divisible
+from ulite_monai.networks.ulite import AxialDWConv, ULite
+from ulite_monai.networks.utils import check_input, crop_to, pad_to_divisible
 
 __all__ = ["fuse_ulite", "FusedULite", "inference_network"]
 
 WIDE_UPSAMPLE_BELOW = 64  # decoders with fewer output channels up-sample through a widened 1x1 conv
+
+
+def _work_device(device: torch.device) -> torch.device:
+    """Where the float64 folding arithmetic runs: the parameters' device, or the CPU for devices without
+    float64 (MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, in float64, on its :func:`_work_device`."""
+    return t.detach().to(device=_work_device(t.device), dtype=torch.float64)
+
+
+def _place(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (detached) with the device and dtype of ``like`` (the source network's parameter)."""
+    return t.detach().to(device=like.device, dtype=like.dtype).clone()
 
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,17 +55,17 @@ def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"only BatchNorm layers can be folded, got {type(bn).__name__}.")
     if not bn.track_running_stats or bn.running_var is None:
         raise ValueError("BatchNorm without running statistics cannot be folded.")
-    s = torch.rsqrt(bn.running_var.double() + bn.eps)
+    s = torch.rsqrt(_f64(bn.running_var) + bn.eps)
     if bn.affine:
-        s = s * bn.weight.double()
-    t = -bn.running_mean.double() * s
+        s = s * _f64(bn.weight)
+    t = -_f64(bn.running_mean) * s
     if bn.affine:
-        t = t + bn.bias.double()
+        t = t + _f64(bn.bias)
     return s, t
 
 
 def _conv_like(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor, **overrides) -> nn.Module:
-    """A new conv of ``conv``'s type and geometry carrying ``weight`` and ``bias``."""
+    """A new conv of ``conv``'s type, geometry, device and dtype carrying ``weight`` and ``bias``."""
     kwargs = dict(
         in_channels=conv.in_channels,
         out_channels=weight.shape[0],
@@ -60,36 +77,37 @@ def _conv_like(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor, **over
         bias=True,
     )
     kwargs.update(overrides)
-    new = type(conv)(**kwargs)
-    new.weight.data.copy_(weight.to(new.weight.dtype))
-    new.bias.data.copy_(bias.to(new.bias.dtype))
+    new = type(conv)(**kwargs, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight.detach())
+        new.bias.copy_(bias.detach())
     return new
 
 
 def _bias(conv: nn.Module) -> torch.Tensor:
     if conv.bias is None:
-        return torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
-    return conv.bias.double()
+        return torch.zeros(conv.out_channels, dtype=torch.float64, device=_work_device(conv.weight.device))
+    return _f64(conv.bias)
 
 
 class PointwiseConv(nn.Module):
     """A 1x1 (x1) convolution, built from a conv's geometry with optional new ``weight`` and ``bias``.
 
-    It runs on oneDNN's 1x1 convolution: about twice as fast as a GEMM
-    over a ``(voxels, C)`` view on U-Lite's 2D maps. A channels-last 3D input runs as a 2D 1x1 conv over its
-    ``(N * D, C, H, W)`` view (the same memory): measured 1.5x to 5x faster than oneDNN's 1x1x1 conv3d or
-    the GEMM on most of U-Lite's 3D shapes.
+    It runs as a 1x1 convolution (on the CPU oneDNN's, faster there than a GEMM over a ``(voxels, C)`` view on
+    U-Lite's 2D maps). A channels-last 3D input runs as a 2D 1x1 conv over its ``(N * D, C, H, W)`` view (the
+    same memory), which oneDNN serves faster than a 1x1x1 conv3d on U-Lite's 3D shapes. The parameters get
+    ``conv``'s device and dtype.
     """
 
     def __init__(self, conv: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         w = conv.weight if weight is None else weight
         if bias is None:
-            bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], device=w.device)
+            bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
         self.spatial_dims = conv.weight.ndim - 2
         shape = (w.shape[0], w.shape[1]) + (1,) * self.spatial_dims
-        self.weight = nn.Parameter(w.detach().reshape(shape).float().clone(), requires_grad=False)
-        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.weight = nn.Parameter(_place(w.reshape(shape), conv.weight), requires_grad=False)
+        self.bias = nn.Parameter(_place(bias, conv.weight), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias
@@ -149,7 +167,7 @@ def merged_axial_kernel(block: AxialDWConv, scale: torch.Tensor | None = None, s
     """
     convs = list(block.convs)
     ch = convs[0].in_channels
-    dev = convs[0].weight.device
+    dev = _work_device(convs[0].weight.device)
     nd = convs[0].weight.ndim - 2
     s = torch.ones(ch, dtype=torch.float64, device=dev) if scale is None else scale
     t = torch.zeros(ch, dtype=torch.float64, device=dev) if shift is None else shift
@@ -161,7 +179,7 @@ def merged_axial_kernel(block: AxialDWConv, scale: torch.Tensor | None = None, s
     for axis, conv in enumerate(convs):
         k, d = conv.kernel_size[axis], conv.dilation[axis]
         half = (k - 1) // 2
-        cw = conv.weight.double().reshape(ch, k)
+        cw = _f64(conv.weight).reshape(ch, k)
         for j in range(k):
             idx = [slice(None), 0] + [reach] * nd
             idx[2 + axis] = reach + (j - half) * d
@@ -191,13 +209,13 @@ class FusedAxialDW(nn.Module):
             )
         else:
             ch = convs[0].in_channels
-            dev = convs[0].weight.device
+            dev = _work_device(convs[0].weight.device)
             s = torch.ones(ch, dtype=torch.float64, device=dev) if scale is None else scale
             t = torch.zeros(ch, dtype=torch.float64, device=dev) if shift is None else shift
             view = (-1,) + (1,) * (nd + 1)
             fused = []
             for axis, conv in enumerate(convs):
-                w = conv.weight.double().clone()
+                w = _f64(conv.weight).clone()
                 b = _bias(conv)
                 if axis == 0:
                     centre = (slice(None), 0) + tuple((k - 1) // 2 for k in conv.kernel_size)
@@ -222,8 +240,8 @@ class PlaneDepthDW(nn.Module):
     through-plane one (the D taps).
 
     A dense 7x7x7 kernel would do 343 multiply-adds for 19 taps. On channels-last tensors both parts run as
-    2D depthwise convs over views of the same memory (``(N*D, C, H, W)`` and ``(N, C, D, H*W)``): measured 2x
-    to 3x faster than the dense 3D kernel. Other layouts use two conv3d.
+    2D depthwise convs over views of the same memory (``(N*D, C, H, W)`` and ``(N, C, D, H*W)``), faster than
+    the dense 3D kernel. Other layouts use two conv3d.
     """
 
     def __init__(self, block: AxialDWConv, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
@@ -234,9 +252,10 @@ class PlaneDepthDW(nn.Module):
         w_depth = w[:, :, :, reach : reach + 1, reach : reach + 1].clone()  # (C, 1, K, 1, 1)
         w_depth[:, :, reach] = 0.0  # the centre tap is in the plane part
         # (C, 1, 1, K, K): the in-plane cross and the centre
-        self.plane_weight = nn.Parameter(w[:, :, reach : reach + 1].float().contiguous(), requires_grad=False)
-        self.plane_bias = nn.Parameter(b.float(), requires_grad=False)
-        self.depth_weight = nn.Parameter(w_depth.float(), requires_grad=False)
+        like = block.convs[0].weight
+        self.plane_weight = nn.Parameter(_place(w[:, :, reach : reach + 1].contiguous(), like), requires_grad=False)
+        self.plane_bias = nn.Parameter(_place(b, like), requires_grad=False)
+        self.depth_weight = nn.Parameter(_place(w_depth, like), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.reach
@@ -298,8 +317,8 @@ class FusedEncoderBlock(nn.Module):
         self.dw = fused_axial(block.dw, s, t, merge=merge)
         pw = block.pw
         self.n_out = pw.out_channels
-        w = pw.weight.detach().double().reshape(pw.out_channels, pw.in_channels)
-        w = torch.cat([w, skip_weight.double().reshape(-1, pw.in_channels)], 0)
+        w = _f64(pw.weight).reshape(pw.out_channels, pw.in_channels)
+        w = torch.cat([w, _f64(skip_weight).reshape(-1, pw.in_channels)], 0)
         # the skip projection's bias rides on the decoder's coarse half; oneDNN adds conv biases for free,
         # which measured faster than adding the encoder's bias after pooling (one op fewer per stage)
         b = _bias(pw)
@@ -347,7 +366,7 @@ class FusedDecoderBlock(nn.Module):
         """``block.pw`` with the following BatchNorm folded in: weights over ``cat(up(x), skip)`` and bias."""
         s, t = _bn_affine(block.norm)
         pw = block.pw
-        return pw.weight.double() * s.view((-1,) + (1,) * (pw.weight.ndim - 1)), _bias(pw) * s + t
+        return _f64(pw.weight) * s.view((-1,) + (1,) * (pw.weight.ndim - 1)), _bias(pw) * s + t
 
     @staticmethod
     def skip_weight(block: nn.Module) -> torch.Tensor:
@@ -399,7 +418,7 @@ class FusedBottleneck(nn.Module):
         s, t = _bn_affine(block.norm)
         self.pw1 = PointwiseConv(block.pw1)
         pw2 = block.pw2
-        w = pw2.weight.double()
+        w = _f64(pw2.weight)
         b = _bias(pw2) + w.flatten(1) @ t
         w = w * s.view((1, -1) + (1,) * (w.ndim - 2))
         self.merged = bool(merge)
@@ -409,7 +428,7 @@ class FusedBottleneck(nn.Module):
             conv0 = block.branches[0].convs[0]
             ch = conv0.in_channels
             nd = conv0.weight.ndim - 2
-            dev = conv0.weight.device
+            dev = _work_device(conv0.weight.device)
             reach = max(r for _, _, r in dense)
             size = 2 * reach + 1
             kernel = torch.zeros((self.n_parts, ch) + (size,) * nd, dtype=torch.float64, device=dev)
@@ -449,10 +468,8 @@ class FusedULite(nn.Module):
     Built by :func:`fuse_ulite`; computes the same function as the source network in eval mode.
     """
 
-    def __init__(self, net: ULite, merge_axial: bool | None = None, channels_last: bool = True) -> None:
+    def __init__(self, net: ULite, merge_axial: bool = True, channels_last: bool = True) -> None:
         super().__init__()
-        if merge_axial is None:
-            merge_axial = True
         self.spatial_dims = net.spatial_dims
         self.in_channels = net.in_channels
         self.out_channels = net.out_channels
@@ -506,18 +523,18 @@ class FusedULite(nn.Module):
         return x.contiguous()
 
 
-def fuse_ulite(net: ULite, merge_axial: bool | None = None, channels_last: bool = True) -> FusedULite:
+def fuse_ulite(net: ULite, merge_axial: bool = True, channels_last: bool = True) -> FusedULite:
     """Return an eval-mode network equivalent to ``net.eval()`` with BatchNorm folded and axial blocks merged.
 
     Args:
         net: a (trained) :class:`ULite` with batch norm layers. It is not modified.
-        merge_axial: merge each axial depthwise block into one dense depthwise kernel (default True: oneDNN's
-            square depthwise kernels are several times faster on CPU than its 7x1 / 1x7 / 7x1x1 ones, measured
-            7x in 2D at 16x256x256 and 7x in 3D at 16x64^3, despite the extra zero taps).
-        channels_last: run in channels-last memory format (faster on CPU).
+        merge_axial: merge each axial depthwise block into one dense depthwise kernel (2D) or an in-plane plus
+            a through-plane kernel (3D), identity included (default). False keeps one depthwise conv per axis.
+        channels_last: run in channels-last memory format.
 
     Returns:
-        a :class:`FusedULite` on the same device as ``net``, parity within float rounding (about 1e-5 rel.).
+        a :class:`FusedULite` whose parameters and buffers all have ``net``'s device and dtype, equal to
+        ``net.eval()`` up to float rounding.
     """
     if isinstance(net, FusedULite):
         return net

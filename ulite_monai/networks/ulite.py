@@ -16,6 +16,17 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
+from ulite_monai.networks.axial import (
+    axial_merged,
+    axial_views,
+    check_axial_impl,
+    conv3d_by_planes,
+    pointwise_conv,
+    resolve_axial_impl,
+    upsample_add,
+)
+from ulite_monai.networks.utils import channels_last_format, check_input, crop_to, pad_to_divisible
+
 __all__ = ["AxialDWConv", "ULiteEncoderBlock", "ULiteDecoderBlock", "ULiteBottleneck", "ULite"]
 
 
@@ -24,24 +35,37 @@ def _axial_kernel(spatial_dims: int, axis: int, size: int, other: int = 1) -> tu
     return tuple(size if i == axis else other for i in range(spatial_dims))
 
 
+def _conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 (x1) conv module through :func:`~ulite_monai.networks.axial.pointwise_conv`."""
+    return pointwise_conv(x, conv.weight, conv.bias)
+
+
 class AxialDWConv(nn.Module):
     """Axial depthwise convolution with identity: ``x + sum_axis dwconv_axis(x)``.
 
     One depthwise convolution per spatial axis, each with a kernel that spans ``kernel_size`` voxels
     along its axis only (e.g. 7x1 and 1x7 in 2D; 7x1x1, 1x7x1 and 1x1x7 in 3D). Outputs keep the input
-    size ("same" padding).
+    size ("same" padding). The parameters are the per-axis convolutions (``convs.0``, ``convs.1``, ...)
+    whatever ``impl`` computes them with.
 
     Args:
         spatial_dims: number of spatial dimensions.
         channels: number of input (and output) channels.
         kernel_size: length of each axial kernel (odd).
         dilation: dilation of each axial kernel.
+        impl: how the block is computed, one of ``"auto"``, ``"reference"``, ``"merged"``, ``"views"``
+            (see :mod:`ulite_monai.networks.axial`); all give the same outputs and gradients up to float
+            rounding. ``"merged"`` and ``"views"`` return channels-last tensors.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, kernel_size: int = 7, dilation: int = 1) -> None:
+    def __init__(self, spatial_dims: int, channels: int, kernel_size: int = 7, dilation: int = 1,
+                 impl: str = "auto") -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}.")
+        self.spatial_dims = spatial_dims
+        self.impl = check_axial_impl(impl, spatial_dims)
+        self.dilation = int(dilation)
         conv_type = Conv[Conv.CONV, spatial_dims]
         pad = dilation * (kernel_size - 1) // 2
         self.convs = nn.ModuleList(
@@ -57,10 +81,28 @@ class AxialDWConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.reference_forward(x)
+        return self._forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block as the reference code computes it: one depthwise conv per axis, plus the identity."""
         out = x
         for conv in self.convs:
             out = out + conv(x)
         return out
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = resolve_axial_impl(self.impl, x.device.type, self.spatial_dims)
+        if impl == "reference":
+            return self.reference_forward(x)
+        weights = [c.weight for c in self.convs]
+        biases = [c.bias for c in self.convs]
+        dilations = [self.dilation] * self.spatial_dims
+        if impl == "views":
+            return axial_views(x, weights, biases, dilations)
+        return axial_merged(x, weights, biases, dilations, custom_backward=self.training)
 
 
 class ULiteEncoderBlock(nn.Module):
@@ -73,6 +115,8 @@ class ULiteEncoderBlock(nn.Module):
         kernel_size: axial kernel length.
         act: activation type and arguments.
         norm: normalization type and arguments.
+        axial_impl: implementation of the axial block (see :class:`AxialDWConv`); the non-reference ones
+            also run the pointwise conv of a channels-last 3D batch as a 2D conv on its planes.
     """
 
     def __init__(
@@ -83,22 +127,42 @@ class ULiteEncoderBlock(nn.Module):
         kernel_size: int = 7,
         act: str | tuple = "GELU",
         norm: str | tuple = "BATCH",
+        axial_impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.dw = AxialDWConv(spatial_dims, in_channels, kernel_size)
+        self.spatial_dims = spatial_dims
+        self.axial_impl = check_axial_impl(axial_impl, spatial_dims)
+        self.dw = AxialDWConv(spatial_dims, in_channels, kernel_size, impl=axial_impl)
         self.norm = get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=in_channels)
         self.pw = Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1)
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2)
         self.act = get_act_layer(act)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        skip = self.norm(self.dw(x))
+        if torch.jit.is_scripting():
+            return self.reference_forward(x)
+        return self._forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage as the reference code computes it."""
+        skip = self.norm(self.dw.reference_forward(x))
         return self.act(self.pool(self.pw(skip))), skip
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
+            return self.reference_forward(x)
+        skip = self.norm(self.dw(x))
+        return self.act(self.pool(_conv1x1(self.pw, skip))), skip
 
 
 class ULiteDecoderBlock(nn.Module):
     """Decoder stage: nearest up-sampling x2, concatenation with the skip, pointwise conv, norm,
     axial depthwise conv, pointwise conv, activation.
+
+    The non-reference implementations compute ``pw(cat(up(x), skip))`` as ``up(pw_a(x)) + pw_b(skip)`` with
+    ``pw_a``, ``pw_b`` the two halves of ``pw``'s weight (nearest up-sampling commutes with a pointwise conv):
+    the same sums, the coarse half at a fraction of the voxels, no concatenated tensor.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -107,6 +171,7 @@ class ULiteDecoderBlock(nn.Module):
         kernel_size: axial kernel length.
         act: activation type and arguments.
         norm: normalization type and arguments.
+        axial_impl: implementation of the axial block (see :class:`AxialDWConv`).
     """
 
     def __init__(
@@ -117,19 +182,37 @@ class ULiteDecoderBlock(nn.Module):
         kernel_size: int = 7,
         act: str | tuple = "GELU",
         norm: str | tuple = "BATCH",
+        axial_impl: str = "auto",
     ) -> None:
         super().__init__()
+        self.spatial_dims = spatial_dims
+        self.axial_impl = check_axial_impl(axial_impl, spatial_dims)
         conv_type = Conv[Conv.CONV, spatial_dims]
         self.pw = conv_type(in_channels + out_channels, out_channels, kernel_size=1)
         self.norm = get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=out_channels)
-        self.dw = AxialDWConv(spatial_dims, out_channels, kernel_size)
+        self.dw = AxialDWConv(spatial_dims, out_channels, kernel_size, impl=axial_impl)
         self.pw2 = conv_type(out_channels, out_channels, kernel_size=1)
         self.act = get_act_layer(act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.reference_forward(x, skip)
+        return self._forward(x, skip)
+
+    def reference_forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The stage as the reference code computes it."""
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = torch.cat([x, skip], dim=1)
-        return self.act(self.pw2(self.dw(self.norm(self.pw(x)))))
+        return self.act(self.pw2(self.dw.reference_forward(self.norm(self.pw(x)))))
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
+            return self.reference_forward(x, skip)
+        n_up = self.pw.in_channels - self.pw.out_channels  # a Python int, also under torch.compile
+        w = self.pw.weight
+        y = upsample_add(pointwise_conv(x, w[:, :n_up], self.pw.bias), pointwise_conv(skip, w[:, n_up:], None))
+        return self.act(_conv1x1(self.pw2, self.dw(self.norm(y))))
 
 
 class ULiteBottleneck(nn.Module):
@@ -142,6 +225,7 @@ class ULiteBottleneck(nn.Module):
         dilations: dilation of each axial branch.
         act: activation type and arguments.
         norm: normalization type and arguments.
+        axial_impl: implementation of the axial branches (see :class:`AxialDWConv`).
     """
 
     def __init__(
@@ -151,26 +235,45 @@ class ULiteBottleneck(nn.Module):
         dilations: Sequence[int] = (1, 2, 3),
         act: str | tuple = "GELU",
         norm: str | tuple = "BATCH",
+        axial_impl: str = "auto",
     ) -> None:
         super().__init__()
         conv_type = Conv[Conv.CONV, spatial_dims]
         reduced = channels // 4
         if reduced < 1:
             raise ValueError(f"bottleneck channels must be >= 4, got {channels}.")
+        self.spatial_dims = spatial_dims
+        self.axial_impl = check_axial_impl(axial_impl, spatial_dims)
         n_cat = reduced * (len(dilations) + 1)
         self.pw1 = conv_type(channels, reduced, kernel_size=1)
-        self.branches = nn.ModuleList(AxialDWConv(spatial_dims, reduced, 3, dilation=d) for d in dilations)
+        self.branches = nn.ModuleList(
+            AxialDWConv(spatial_dims, reduced, 3, dilation=d, impl=axial_impl) for d in dilations
+        )
         self.norm = get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=n_cat)
         self.pw2 = conv_type(n_cat, channels, kernel_size=1)
         self.act = get_act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.reference_forward(x)
+        return self._forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck as the reference code computes it."""
         x = self.pw1(x)
         parts = [x]
         for branch in self.branches:
-            parts.append(branch(x))
+            parts.append(branch.reference_forward(x))
         x = torch.cat(parts, dim=1)
         return self.act(self.pw2(self.norm(x)))
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
+            return self.reference_forward(x)
+        x = _conv1x1(self.pw1, x)
+        x = torch.cat([x] + [branch(x) for branch in self.branches], dim=1)
+        return self.act(_conv1x1(self.pw2, self.norm(x)))
 
 
 class ULite(nn.Module):
@@ -182,6 +285,17 @@ class ULite(nn.Module):
 
     Inputs of any spatial size are accepted: they are padded to a multiple of ``2 ** (len(features) - 1)``
     and the output is cropped back, so the output has the input's spatial size.
+
+    ``axial_impl`` chooses how the same parameters are computed with (the state dict is the same for every
+    choice, so checkpoints move freely between them). ``"reference"`` is the reference code's computation in
+    the input's memory format. ``"merged"`` and ``"views"`` (see :mod:`ulite_monai.networks.axial`) run the
+    network in channels-last format, split each decoder's 1x1 conv over the concatenation into two 1x1 convs
+    (see :class:`ULiteDecoderBlock`), run 1x1 convs of 3D batches as 2D convs over their planes and the 3D
+    stem as a 2D conv over depth windows (:func:`~ulite_monai.networks.axial.conv3d_by_planes`); outputs and
+    gradients match the reference computation up to float rounding, in training and eval mode. ``"auto"``
+    (default) picks by the input's device on every call: ``"merged"`` on the CPU, ``"views"`` on CUDA and other
+    devices, ``"reference"`` for 1D networks and under TorchScript. For inference, :func:`~ulite_monai.networks.fuse_ulite`
+    is faster still (BatchNorm folded).
 
     Args:
         spatial_dims: number of spatial dimensions (2 or 3; 1 works too).
@@ -196,6 +310,7 @@ class ULite(nn.Module):
         norm: normalization type and arguments (paper: batch norm).
         pad_mode: how inputs whose size is not a multiple of ``2 ** stages`` are padded
             (``"constant"`` (zeros), ``"replicate"`` or ``"reflect"``).
+        axial_impl: ``"auto"`` (default), ``"reference"``, ``"merged"`` or ``"views"`` (see above).
 
     Example::
 
@@ -215,6 +330,7 @@ class ULite(nn.Module):
         act: str | tuple = "GELU",
         norm: str | tuple = "BATCH",
         pad_mode: str = "constant",
+        axial_impl: str = "auto",
     ) -> None:
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -224,11 +340,14 @@ class ULite(nn.Module):
             raise ValueError(f"features needs at least two entries (stem + one stage), got {features}.")
         if pad_mode not in ("constant", "replicate", "reflect"):
             raise ValueError(f"pad_mode must be 'constant', 'replicate' or 'reflect', got {pad_mode!r}.")
+        if stem_kernel_size % 2 != 1:
+            raise ValueError(f"stem_kernel_size must be odd, got {stem_kernel_size}.")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.features = features
         self.pad_mode = pad_mode
+        self.axial_impl = check_axial_impl(axial_impl, spatial_dims)
         self.divisor = 2 ** (len(features) - 1)
         conv_type = Conv[Conv.CONV, spatial_dims]
 
@@ -236,23 +355,59 @@ class ULite(nn.Module):
             in_channels, features[0], kernel_size=stem_kernel_size, padding=(stem_kernel_size - 1) // 2
         )
         self.encoders = nn.ModuleList(
-            ULiteEncoderBlock(spatial_dims, features[i], features[i + 1], kernel_size, act, norm)
+            ULiteEncoderBlock(spatial_dims, features[i], features[i + 1], kernel_size, act, norm, axial_impl)
             for i in range(len(features) - 1)
         )
-        self.bottleneck = ULiteBottleneck(spatial_dims, features[-1], bottleneck_dilations, act, norm)
+        self.bottleneck = ULiteBottleneck(spatial_dims, features[-1], bottleneck_dilations, act, norm, axial_impl)
         self.decoders = nn.ModuleList(
-            ULiteDecoderBlock(spatial_dims, features[i + 1], features[i], kernel_size, act, norm)
+            ULiteDecoderBlock(spatial_dims, features[i + 1], features[i], kernel_size, act, norm, axial_impl)
             for i in reversed(range(len(features) - 1))
         )
         self.conv_out = conv_type(features[0], out_channels, kernel_size=1)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.spatial_dims, self.in_channels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        if torch.jit.is_scripting():
+            return self.reference_forward(x)
+        check_input(x, self.spatial_dims, self.in_channels)
+        return self._forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network as the reference code computes it (every block's ``reference_forward``), any device."""
+        check_input(x, self.spatial_dims, self.in_channels)
         x, crop = pad_to_divisible(x, self.divisor, self.pad_mode)
         x = self.conv_in(x)
+        skips: list[torch.Tensor] = []
+        for enc in self.encoders:
+            x, skip = enc.reference_forward(x)
+            skips.append(skip)
+        x = self.bottleneck.reference_forward(x)
+        n = len(skips)
+        for i, dec in enumerate(self.decoders):
+            x = dec.reference_forward(x, skips[n - 1 - i])
+        return crop_to(self.conv_out(x), crop)
+
+    def implementation(self, device: torch.device | str | None = None) -> str:
+        """The axial implementation this network runs on ``device`` (default: where its parameters are)."""
+        if device is None:
+            device = self.conv_in.weight.device
+        return resolve_axial_impl(self.axial_impl, torch.device(device).type, self.spatial_dims)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(isinstance(s, torch.SymInt) for s in x.shape[2:]):
+            # torch.compile with dynamic spatial sizes: inductor cannot lower the channels-last views of padded
+            # symbolic sizes, so such graphs get the reference computation (static shapes get the fast one)
+            return self.reference_forward(x)
+        impl = resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims)
+        x, crop = pad_to_divisible(x, self.divisor, self.pad_mode)
+        if impl == "reference":
+            x = self.conv_in(x)
+        else:
+            x = x.contiguous(memory_format=channels_last_format(self.spatial_dims))
+            if self.spatial_dims == 3:
+                x = conv3d_by_planes(x, self.conv_in.weight, self.conv_in.bias)
+            else:
+                x = self.conv_in(x)
         skips: list[torch.Tensor] = []
         for enc in self.encoders:
             x, skip = enc(x)
@@ -261,53 +416,6 @@ class ULite(nn.Module):
         n = len(skips)
         for i, dec in enumerate(self.decoders):
             x = dec(x, skips[n - 1 - i])
-        return crop_to(self.conv_out(x), crop)
-
-    def fuse(self, channels_last: bool = True) -> nn.Module:
-        """An eval-mode equivalent network for inference (see :func:`ulite_monai.networks.fuse_ulite`)."""
-        from ulite_monai.networks.fusion import fuse_ulite
-
-        return fuse_ulite(self, channels_last=channels_last)
-
-
-def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
-    """Raise a clear error when ``x`` is not ``(batch, in_channels, *spatial)`` with ``spatial_dims`` dims."""
-    if x.dim() != spatial_dims + 2:
-        raise ValueError(
-            "ULite(spatial_dims=" + str(spatial_dims) + ") expects a (batch, channel, " + str(spatial_dims)
-            + " spatial dims) input, got shape " + str(x.shape) + "."
-        )
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            "ULite(in_channels=" + str(in_channels) + ") got an input with " + str(x.shape[1])
-            + " channels (shape " + str(x.shape) + "); check the channel dim of your data "
-            "(EnsureChannelFirst, RGB or greyscale)."
-        )
-
-
-def pad_to_divisible(x: torch.Tensor, divisor: int, mode: str = "constant") -> tuple[torch.Tensor, list[int]]:
-    """Pad the spatial dims of ``x`` (symmetrically, extra voxel at the end) up to multiples of ``divisor``.
-
-    Returns the padded tensor and the list ``[start_0, size_0, start_1, size_1, ...]`` to crop back.
-    """
-    pads: list[int] = []
-    crop: list[int] = []
-    smallest = x.shape[2]
-    for size in x.shape[2:]:
-        total = (divisor - size % divisor) % divisor
-        before = total // 2
-        crop += [before, size]
-        pads = [before, total - before] + pads  # F.pad takes the last dim first
-        smallest = min(smallest, size)
-    # no branch on the pad sizes: keeps TorchScript/ONNX/torch.export graphs shape-generic
-    if mode == "reflect" and max(pads) >= smallest:
-        mode = "replicate"  # reflection needs more voxels than the pad width
-    x = F.pad(x, pads, mode=mode)
-    return x, crop
-
-
-def crop_to(x: torch.Tensor, crop: list[int]) -> torch.Tensor:
-    """Crop the spatial dims of ``x`` by the ``[start, size, ...]`` list of :func:`pad_to_divisible`."""
-    for i in range(len(crop) // 2):
-        x = x.narrow(2 + i, crop[2 * i], crop[2 * i + 1])
-    return x
+        if impl == "reference":
+            return crop_to(self.conv_out(x), crop)
+        return crop_to(_conv1x1(self.conv_out, x), crop).contiguous()
