@@ -120,7 +120,7 @@ def test_markdown_of_a_cuda_report_names_the_gpu_and_gpu_memory(tmp_path):
 def test_quick_training_step_mode(tmp_path):
     out = tmp_path / "bench"
     rc = cli.main(["--quick", "--modes", "train", "--train-workloads", "3d", "bundle", "--train-models", "ulite",
-                   "ulite-cl", "monai-unet", "--threads", "1", "--bundle", str(BUNDLE), "--out", str(out)])
+                   "ulite-cl", "ulite-reference", "monai-unet", "--threads", "1", "--bundle", str(BUNDLE), "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "benchmark.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["bundle"]["root"] == str(BUNDLE)
@@ -134,7 +134,8 @@ def test_quick_training_step_mode(tmp_path):
     for w in wl.values():
         res = {r["model"]: r for r in w["results"]}
         assert all(r["status"] == "ok" for r in res.values()), w["results"]
-        assert res["ulite"]["params"] == res["ulite-cl"]["params"] == 64_178  # the bundle's widths 8..128
+        assert res["ulite"]["params"] == res["ulite-cl"]["params"] == res["ulite-reference"]["params"] == 64_178
+        assert res["ulite-reference"]["family"] == "ulite"  # the bundle's widths 8..128, reference axial convs
         assert res["monai-unet"]["params"] > 4_000_000
         for r in res.values():
             assert r["step"]["n"] == 2 and r["step"]["median_ms"] > 0 and r["samples_per_s"] > 0
@@ -142,7 +143,7 @@ def test_quick_training_step_mode(tmp_path):
         ratio = {(q["model"], q["versus"]): q["speedup"] for q in w["ratios"]}
         assert ratio[("ulite", "monai-unet")] == pytest.approx(
             res["monai-unet"]["step"]["median_ms"] / res["ulite"]["step"]["median_ms"])
-        assert ("ulite-cl", "monai-unet") in ratio
+        assert ("ulite-cl", "monai-unet") in ratio and ("ulite-reference", "monai-unet") in ratio
     md = (out / "benchmark.md").read_text()
     assert "## Training step" in md and "| U-Lite channels-last | 64 K |" in md
     assert (out / "training_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

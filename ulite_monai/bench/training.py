@@ -12,7 +12,9 @@ Workloads (:data:`WORKLOADS`):
   num_samples`` patches of ``patch_size``; MONAI UNet swaps only ``network_def``.
 
 Models (:data:`TRAIN_MODELS`): ``ulite``, ``monai-unet``, and variants with the network and its input in
-channels-last memory format (``-cl``) or the network under ``torch.compile`` (``-compile``).
+channels-last memory format (``-cl``) or the network under ``torch.compile`` (``-compile``);
+``ulite-reference`` is U-Lite with ``axial_impl="reference"`` (the reference code's computation, same
+parameters), to show what the default ``axial_impl="auto"`` gains (see :mod:`ulite_monai.networks.axial`).
 
 A step is what MONAI's ``SupervisedTrainer`` does (:func:`ulite_monai.bench.workloads.make_step`): zero the
 gradients, forward and loss under autocast (``--amp``), backward and optimiser step through a ``GradScaler``
@@ -50,6 +52,7 @@ TRAIN_MODELS: dict[str, tuple[str, bool, bool, str]] = {
     "ulite": ("ulite", False, False, "U-Lite"),
     "ulite-cl": ("ulite", True, False, "U-Lite channels-last"),
     "ulite-compile": ("ulite", False, True, "U-Lite + torch.compile"),
+    "ulite-reference": ("ulite-reference", False, False, "U-Lite, reference axial convs"),
     "monai-unet": ("monai-unet", False, False, "MONAI UNet"),
     "monai-unet-cl": ("monai-unet", True, False, "MONAI UNet channels-last"),
     "monai-unet-compile": ("monai-unet", False, True, "MONAI UNet + torch.compile"),
@@ -88,9 +91,10 @@ def _synthetic(name: str, dims: int, batch: int, size: Sequence[int], cin: int, 
 
     def build(family: str, dev: torch.device):
         torch.manual_seed(0)
-        if family == "ulite":
+        if family.startswith("ulite"):
             kwargs = {"features": tuple(int(f) for f in features)} if features else {}
-            net = ULite(spatial_dims=dims, in_channels=cin, out_channels=cout, **kwargs)
+            net = ULite(spatial_dims=dims, in_channels=cin, out_channels=cout,
+                        axial_impl="reference" if family == "ulite-reference" else "auto", **kwargs)
         else:
             net = UNet(dims, cin, cout, **_UNET)
         net = net.to(dev)
@@ -116,8 +120,11 @@ def _bundle_workload(bundle, dev: torch.device, quick: bool) -> _Workload:
     size = tuple(int(s) for s in p("patch_size"))
 
     def build(family: str, dev: torch.device):
-        net_def = NETWORK_DEFS[family]
-        mb = _bundle(bundle, {"network_def": net_def} if net_def is not None else None)
+        if family == "ulite-reference":
+            mb = _bundle(bundle, {"network_def#axial_impl": "reference"})
+        else:
+            net_def = NETWORK_DEFS[family]
+            mb = _bundle(bundle, {"network_def": net_def} if net_def is not None else None)
         torch.manual_seed(0)
         mp = mb.parser("train", **settings)
         net = mp.get_parsed_content("network")
@@ -172,7 +179,7 @@ def _ratios(results: list[dict]) -> list[dict]:
     by = {r["model"]: r for r in results if r.get("step")}
     out = []
     for name, r in by.items():
-        if TRAIN_MODELS[name][0] != "ulite":
+        if not TRAIN_MODELS[name][0].startswith("ulite"):
             continue
         peers = ["monai-unet"] + ([name.replace("ulite", "monai-unet", 1)] if name != "ulite" else [])
         for peer in dict.fromkeys(peers):
@@ -242,7 +249,7 @@ def run_training_step(
         steps: dict[str, Callable[[], object]] = {}
         for name in models:
             family, cl, compiled, label = TRAIN_MODELS[name]
-            rec = recs[name] = {"model": name, "label": label, "family": "ulite" if family == "ulite" else "monai",
+            rec = recs[name] = {"model": name, "label": label, "family": "ulite" if family.startswith("ulite") else "monai",
                                 "status": "ok", "notes": []}
             try:
                 before = D.gpu_allocated_mb(dev)

@@ -19,8 +19,9 @@ compute the same function; they differ in how the work is laid out for the convo
   depthwise convolutions fall back to generic ones.
 - ``"auto"``: ``"merged"`` on the CPU, ``"views"`` on other devices (CUDA), ``"reference"`` in 1D.
 
-See ``docs/benchmarks/training.md`` for the measurements behind these choices and
-``scripts/bench_train.py`` to measure them on your hardware.
+See ``docs/benchmarks/benchmark.md`` (section "Training step") for the measurements behind these choices and
+``python -m ulite_monai.bench --modes train --train-models ulite ulite-reference monai-unet`` to measure
+them on your hardware.
 """
 
 from __future__ import annotations
