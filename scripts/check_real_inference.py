@@ -22,6 +22,7 @@ Prints one line per scan and exits with status 1 if any check fails.
 from __future__ import annotations
 
 import argparse
+import locale
 import sys
 import tempfile
 from pathlib import Path
@@ -84,6 +85,7 @@ def _write_dicom(path: str, folder: Path) -> Path:
     d = img.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    saved_ctype = locale.setlocale(locale.LC_CTYPE)
     for i in range(img.GetDepth()):
         sl = img[:, :, i]
         pos = img.TransformIndexToPhysicalPoint((0, 0, i))
@@ -97,6 +99,7 @@ def _write_dicom(path: str, folder: Path) -> Path:
             sl.SetMetaData(k, v)
         writer.SetFileName(str(folder / f"{i:04d}.dcm"))
         writer.Execute(sl)
+    locale.setlocale(locale.LC_CTYPE, saved_ctype)  # GDCM's writer leaves LC_CTYPE at "C" (ASCII text I/O)
     return folder
 
 

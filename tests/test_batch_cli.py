@@ -248,7 +248,7 @@ def test_sigkill_mid_batch_then_rerun_completes(tmp_path, capsys):
         cwd=str(REPO),
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(tmp_path / "batch.err", "wb"),
     )
     manifest = out / "manifest.jsonl"
     deadline = time.time() + 120
@@ -257,7 +257,10 @@ def test_sigkill_mid_batch_then_rerun_completes(tmp_path, capsys):
             if manifest.exists() and '"status": "done"' in manifest.read_text():
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "batch ended before it could be killed"
+        assert proc.poll() is None, (
+            f"batch ended (rc {proc.poll()}) before it could be killed; manifest: "
+            f"{manifest.read_text()[-2000:] if manifest.exists() else None}; stderr: "
+            f"{(tmp_path / 'batch.err').read_text(errors='replace')[-3000:]}")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:

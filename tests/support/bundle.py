@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import time
 from pathlib import Path
@@ -58,6 +59,17 @@ def write_dicom_series(img, folder: Path, series_uid: str | None = None) -> Path
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     n = img.GetDepth()
+    # GDCM's DICOM writer leaves the process's LC_CTYPE at "C", which turns Python's default text encoding
+    # into ASCII for every later test in the process (open() of any UTF-8 file then fails): put it back
+    saved_ctype = locale.setlocale(locale.LC_CTYPE)
+    try:
+        _write_slices(img, folder, writer, n, series_uid, study_uid, direction)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved_ctype)
+    return folder
+
+
+def _write_slices(img, folder: Path, writer, n: int, series_uid: str, study_uid: str, direction) -> None:
     for i in range(n):
         sl = img[:, :, i]
         pos = img.TransformIndexToPhysicalPoint((0, 0, i))
@@ -80,7 +92,6 @@ def write_dicom_series(img, folder: Path, series_uid: str | None = None) -> Path
             sl.SetMetaData(k, v)
         writer.SetFileName(str(folder / f"s{series_uid[-4:]}_{(i * 7919) % 1000:04d}_{i}.dcm"))
         writer.Execute(sl)
-    return folder
 
 
 def env_without_threads() -> dict:

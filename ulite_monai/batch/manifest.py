@@ -13,11 +13,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Manifest", "STATUSES", "FINISHED"]
+__all__ = ["Manifest", "STATUSES", "FINISHED", "read_rows"]
 
 STATUSES = ("done", "empty", "skipped", "failed")
 FINISHED = ("done", "empty")  # statuses a rerun does not redo (same model version, outputs present)
 
+
+
+def read_rows(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """The rows (JSON objects with a ``key``) of a manifest file in file order, and how many lines were torn
+    (not JSON: a write cut short by a crash); such lines are skipped."""
+    rows, torn = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(row, dict) and "key" in row:
+                rows.append(row)
+    return rows, torn
 
 class Manifest:
     """Append-only JSON-lines manifest with "last row per key wins" reading.
@@ -37,18 +56,9 @@ class Manifest:
         self.torn_lines = 0
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    self.torn_lines += 1
-                    continue
-                if isinstance(row, dict) and "key" in row:
-                    self.rows[row["key"]] = row
+        rows, self.torn_lines = read_rows(self.path)
+        for row in rows:
+            self.rows[row["key"]] = row
 
     def is_finished(self, key: str, model_version: str, root: Path) -> bool:
         """True when ``key`` is done/empty with ``model_version`` and all its outputs exist."""

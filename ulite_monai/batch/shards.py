@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ulite_monai.batch.commit import Committer, recover, scope_dirs
-from ulite_monai.batch.manifest import FINISHED, Manifest
+from ulite_monai.batch.manifest import FINISHED, Manifest, read_rows
 from ulite_monai.batch.plan import Plan
 from ulite_monai.io.dicom_series import OUTPUT_MARKER
 from ulite_monai.utils import save_json_atomically
@@ -95,23 +95,6 @@ def _shard_files(out: Path) -> list[Path]:
         if folder.is_dir() else []
 
 
-def _read_rows(path: Path) -> tuple[list[dict], int]:
-    rows, torn = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            if isinstance(row, dict) and "key" in row:
-                rows.append(row)
-    return rows, torn
-
-
 class CohortManifest(Manifest):
     """A shard's manifest: appends go to the shard's own file; reading sees every row of the output folder
     (``manifest.jsonl``, then the shard manifests not merged yet, in ``finished_at`` order)."""
@@ -126,7 +109,7 @@ class CohortManifest(Manifest):
         self.torn_lines = main.torn_lines
         extra: list[tuple[str, str, int, dict]] = []
         for f in _shard_files(self.main.parent):
-            rows, torn = _read_rows(f)
+            rows, torn = read_rows(f)
             self.torn_lines += torn
             extra += [(str(r.get("finished_at", "")), f.name, n, r) for n, r in enumerate(rows)]
         for *_, row in sorted(extra, key=lambda t: t[:3]):
@@ -277,10 +260,10 @@ def absorb(out: str | os.PathLike) -> dict:
     if files:
         present: set[str] = set()
         if main_path.is_file():
-            present = {_identity(r) for r in _read_rows(main_path)[0]}
+            present = {_identity(r) for r in read_rows(main_path)[0]}
         extra = []
         for f in files:
-            extra += [(str(r.get("finished_at", "")), f.name, n, r) for n, r in enumerate(_read_rows(f)[0])]
+            extra += [(str(r.get("finished_at", "")), f.name, n, r) for n, r in enumerate(read_rows(f)[0])]
         lines = []
         for *_, row in sorted(extra, key=lambda t: t[:3]):
             ident = _identity(row)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset
 
+from ulite_monai.io.image2d import is_dicom_file
+
 __all__ = ["load_datalist", "list_inputs", "SkipBadItems"]
 
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".jpg", ".jpeg", ".png", ".dcm")
@@ -120,7 +122,7 @@ def list_inputs(path: str | os.PathLike | Sequence[str]) -> list[dict]:
     images = [f for f in files if f.name.lower().endswith(_IMAGE_SUFFIXES) and not f.name.lower().endswith(".dcm")]
     if images:
         return [{"image": str(f)} for f in images]
-    if files and _looks_dicom(files[0]):
+    if files and is_dicom_file(files[0]):
         return [{"image": str(p)}]
     subs = [d for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     found = [item for d in subs for item in list_inputs(d) if _has_files(d)]
@@ -162,11 +164,3 @@ class SkipBadItems(IterableDataset):
 def _has_files(d: Path) -> bool:
     return any(f.is_file() for f in d.rglob("*"))
 
-
-def _looks_dicom(f: Path) -> bool:
-    try:
-        with open(f, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
