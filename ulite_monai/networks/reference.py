@@ -84,23 +84,23 @@ def load_reference_checkpoint(path_or_state: str | os.PathLike | Mapping, net: U
             checkpoint's stem and output conv shapes.
         strict: passed to ``load_state_dict``.
 
-    The file is read with ``torch.load(..., weights_only=True)``.
+    Files are read by the bundle layer's one checkpoint reader
+    (:func:`ulite_monai.bundle.weights.read_checkpoint`: ``weights_only=True``, wrappers and prefixes removed,
+    reference names converted).
     """
+    from ulite_monai.bundle.weights import read_checkpoint, unwrap_state_dict
+
     if isinstance(path_or_state, (str, os.PathLike)):
-        try:
-            obj = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(
-                f"cannot read reference checkpoint {os.fspath(path_or_state)!r}: {e}. "
-                "Expected a torch.save'd state dict or Lightning checkpoint."
-            ) from e
+        source = os.fspath(path_or_state)
+        sd, _ = read_checkpoint(path_or_state)
     else:
-        obj = path_or_state
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict, got {type(obj).__name__}.")
-    sd = convert_reference_state_dict(obj)
+        source = "this state dict"
+        sd = unwrap_state_dict(dict(path_or_state), source)
+    if "conv_in.weight" not in sd or "encoders.0.pw.weight" not in sd:
+        raise ValueError(
+            f"{source} has no reference U-Lite encoder keys (e1., e2., ...); first keys: {list(sd)[:5]}. "
+            "Is it a reference U-Lite checkpoint?"
+        )
     if net is None:
         w_in, w_out = sd["conv_in.weight"], sd["conv_out.weight"]
         depth = len([k for k in sd if re.fullmatch(r"encoders\.\d+\.pw\.weight", k)])
