@@ -20,7 +20,7 @@ from ulite_monai.batch.manifest import Manifest
 from ulite_monai.io.dicom_series import DicomSeries, ImageInstance, discover_inputs, sanitize_name
 from ulite_monai.io.series_selection import SeriesSelector
 
-__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "output_stem", "series_stem", "VOLUME_SUFFIXES",
+__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "failed_row", "output_stem", "series_stem", "VOLUME_SUFFIXES",
            "OUTPUT_SUFFIXES"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -103,6 +103,11 @@ def item_row(item: WorkItem) -> dict[str, Any]:
         row.update(input=item.path)
     row["selection"] = item.selection
     return row
+
+
+def failed_row(item: WorkItem, model_version: str, reason: str) -> dict[str, Any]:
+    """The manifest row of ``item`` when it could not be segmented, with the reason."""
+    return {**item_row(item), "model_version": model_version, "status": "failed", "reason": reason}
 
 
 def _volume_stem(rel: str, folder: str = "volumes", suffixes: tuple[str, ...] = VOLUME_SUFFIXES) -> str:

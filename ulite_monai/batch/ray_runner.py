@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ulite_monai.batch.commit import Committer
-from ulite_monai.batch.plan import WorkItem, item_row
+from ulite_monai.batch.plan import WorkItem, failed_row
 
 __all__ = ["RayOptions", "run_items_on_ray", "import_ray", "SeriesActor"]
 
@@ -163,8 +163,7 @@ class SeriesActor:
                 row["timings_s"]["wait"] = round(wait, 4)
                 row["timings_s"]["total"] = round(time.perf_counter() - t0 + ld.read_s + ld.preprocess_s, 4)
             except Exception as e:
-                row = {**item_row(ld.item), "model_version": self.worker.pipeline.model_version, "status": "failed",
-                       "reason": failure_reason(e)}
+                row = failed_row(ld.item, self.worker.pipeline.model_version, failure_reason(e))
             finally:
                 self.worker.out = self.out
                 self.worker.cleanup(ld)
@@ -330,8 +329,8 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                     row = ray.get(ref)["row"]
                 except RayTaskError as e:  # the task itself raised (SeriesActor.segment catches series errors)
                     committer.discard(attempt)
-                    row = {**item_row(item), "model_version": pipeline.model_version, "status": "failed",
-                           "reason": failure_reason(e.cause if getattr(e, "cause", None) else e)}
+                    cause = e.cause if getattr(e, "cause", None) else e
+                    row = failed_row(item, pipeline.model_version, failure_reason(cause))
                 except RayError as e:  # the worker process or its node is gone: the series goes back to the queue
                     committer.discard(attempt)
                     drop(slot)
@@ -341,9 +340,9 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                         pending.appendleft(item)
                         bar.write(f"worker lost while segmenting {item.key} ({type(e).__name__}); retrying it")
                         continue
-                    row = {**item_row(item), "model_version": pipeline.model_version, "status": "failed",
-                           "reason": f"the worker process ended {deaths[item.key]} times while segmenting this "
-                                     f"series (out of memory?); last: {type(e).__name__}"}
+                    row = failed_row(item, pipeline.model_version,
+                                     f"the worker process ended {deaths[item.key]} times while segmenting this "
+                                     f"series (out of memory?); last: {type(e).__name__}")
                 if item.key in committer.committed:  # a late duplicate: the first result stands
                     committer.discard(attempt)
                     continue
@@ -357,8 +356,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                     continue
                 except OSError as e:
                     committer.discard(attempt)
-                    row = {**item_row(item), "model_version": pipeline.model_version, "status": "failed",
-                           "reason": failure_reason(e)}
+                    row = failed_row(item, pipeline.model_version, failure_reason(e))
                 if row["status"] == "failed":
                     bar.write(f"failed: {item.key}: {row['reason']}")
                 if pusher is not None and row["status"] == "done":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.batch.plan import item_row, plan_batch
+from ulite_monai.batch.plan import failed_row, plan_batch
 from ulite_monai.batch.prefetch import Prefetcher
 from ulite_monai.batch.qc import ReviewRules
 from ulite_monai.batch.remote import Downloader, Pusher, plan_remote
@@ -268,8 +268,7 @@ def _run_items(todo: list, worker: SeriesWorker, manifest: Manifest, counts: dic
                 row["timings_s"]["total"] = round(time.perf_counter() - t_item + ld.read_s + ld.preprocess_s, 4)
                 model_s += row["timings_s"]["model"]
             except Exception as e:
-                row = {**item_row(ld.item), "model_version": worker.pipeline.model_version, "status": "failed",
-                       "reason": failure_reason(e)}
+                row = failed_row(ld.item, worker.pipeline.model_version, failure_reason(e))
                 with contextlib.suppress(OSError):
                     worker.remove_outputs(ld.item)  # no earlier model's result stays beside a failure
                 bar.write(f"failed: {ld.item.key}: {row['reason']}")

@@ -104,7 +104,7 @@ class BundleSegmentationOperator(Operator):
         logger.info("bundle %s loaded on %s", pipeline.model_version, pipeline.device)
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
-        from ulite_monai.batch.plan import item_row
+        from ulite_monai.batch.plan import failed_row
         from ulite_monai.batch.runner import failure_reason
 
         plan = op_input.receive("plan")
@@ -116,8 +116,7 @@ class BundleSegmentationOperator(Operator):
                 row = self.worker.process(ld)
                 row["timings_s"]["total"] = round(time.perf_counter() - t, 4)
             except Exception as e:  # one bad series never stops the others
-                row = {**item_row(item), "model_version": self.worker.pipeline.model_version, "status": "failed",
-                       "reason": failure_reason(e)}
+                row = failed_row(item, self.worker.pipeline.model_version, failure_reason(e))
                 self.worker.remove_outputs(item)
                 logger.warning("failed: %s: %s", item.key, row["reason"])
             finally:
