@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ulite_monai.batch.commit import now
 from ulite_monai.batch.manifest import Manifest
 from ulite_monai.batch.plan import failed_row, plan_batch
 from ulite_monai.batch.prefetch import Prefetcher
@@ -192,7 +193,7 @@ def run_batch(opts: BatchOptions) -> dict:
         for row in plan.skipped:
             counts["skipped"] += 1
             if not manifest.same_as_last(row):  # a rerun does not repeat an unchanged skip
-                manifest.append({**row, "finished_at": _now()})
+                manifest.append({**row, "finished_at": now()})
         if pusher is not None:  # finished earlier, but an object did not reach a destination: push it now
             for key, row in list(manifest.rows.items()):
                 if pusher.pending(row) and key not in {it.key for it in plan.todo} and (shard is None or
@@ -200,7 +201,7 @@ def run_batch(opts: BatchOptions) -> dict:
                     row = pusher.push(row)
                     counts["repushed"] += 1
                     counts["push_failed"] += row["push_status"] != "ok"
-                    manifest.append({**row, "finished_at": _now()})
+                    manifest.append({**row, "finished_at": now()})
         torn_lines = manifest.torn_lines
         if opts.ray is not None:  # the driver plans and commits; a Ray actor pool segments (batch/ray_runner.py)
             from ulite_monai.batch.ray_runner import run_items_on_ray
@@ -281,7 +282,7 @@ def _run_items(todo: list, worker: SeriesWorker, manifest: Manifest, counts: dic
                 counts["push_failed"] += row["push_status"] != "ok"
             counts[row["status"]] += 1
             counts["needs_review"] += bool(row.get("needs_review"))
-            manifest.append({**row, "finished_at": _now()})
+            manifest.append({**row, "finished_at": now()})
             bar.update(1)
             bar.set_postfix({k: v for k, v in counts.items() if v and k != "already_done"}, refresh=False)
     except BaseException:
@@ -291,9 +292,6 @@ def _run_items(todo: list, worker: SeriesWorker, manifest: Manifest, counts: dic
         bar.close()
     return {"loop_s": time.perf_counter() - t_loop, "model_s": model_s, "wait_s": wait_s, "push_s": push_s}
 
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _package_version() -> str:
