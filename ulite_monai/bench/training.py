@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from ulite_monai.bench import measure
 from ulite_monai.bench import device as D
+from ulite_monai.networks.utils import channels_last_format
 
 __all__ = ["WORKLOADS", "TRAIN_MODELS", "run_training_step"]
 
@@ -169,10 +170,6 @@ def _workloads(names: Sequence[str], bundle_factory: Callable[[], Any], dev: tor
     return out
 
 
-def _channels_last(dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if dims == 3 else torch.channels_last
-
-
 def _ratios(results: list[dict]) -> list[dict]:
     """U-Lite step time against MONAI UNet's in the same run: ``speedup = t(UNet) / t(U-Lite)`` (above 1: U-Lite is
     faster), for each U-Lite variant against the plain UNet and against the UNet of the same variant."""
@@ -257,7 +254,7 @@ def run_training_step(
                 rec["params"] = measure.param_count(net)
                 xi = x
                 if cl:
-                    fmt = _channels_last(wl.dims)
+                    fmt = channels_last_format(wl.dims)
                     net = net.to(memory_format=fmt)
                     xi = x.contiguous(memory_format=fmt)
                 fwd = torch.compile(net) if compiled else net
