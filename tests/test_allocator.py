@@ -62,3 +62,37 @@ def test_opt_out_leaves_the_allocator_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "default"]
+
+
+_TRAIN_PROBE = r"""
+import json, sys
+from ulite_monai.bundle import Bundle
+from ulite_monai.utils import allocator_settings
+
+root, extra = sys.argv[1], sys.argv[2:]
+parser = Bundle(root, files=extra).parser("train")
+steps = parser["initialize"]
+index = [i for i, s in enumerate(steps) if "tune_cpu_allocator" in str(s)]
+before = allocator_settings()
+for i in index:  # only the allocator step: the others build the trainer (datasets, checkpoints)
+    parser.get_parsed_content(f"initialize#{i}")
+print(json.dumps({"steps": len(index), "before": before, "after": allocator_settings()}))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="the tuning is for glibc's malloc; other platforms keep their allocator")
+@pytest.mark.parametrize("bundle,extra", [("ulite", []), ("ulite_2d", []), ("ulite", ["multi_gpu_train.json"])])
+def test_training_configs_tune_the_allocator(bundle, extra):
+    """Training re-faulted its activations on every step without it (2D paper config, 2 cores: an epoch took
+    26.5 s instead of 18.9 s; docs/benchmarks/README.md, "CPU allocator")."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bundles" / bundle
+    files = [str(root / "configs" / f) for f in extra]
+    out = subprocess.run([sys.executable, "-c", _TRAIN_PROBE, str(root), *files], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, ULITE_TUNE_ALLOCATOR="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["steps"] == 1
+    assert got["before"] == "default"
+    assert "M_MMAP_MAX=0" in got["after"]
