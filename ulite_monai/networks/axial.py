@@ -17,6 +17,8 @@ compute the same function; they differ in how the work is laid out for the convo
   ``(N*D, C, H, W)`` view, the through-plane axis on ``(N, C, D, H*W)``), differentiated by autograd.
   2D depthwise convolutions are the shapes that cuDNN and oneDNN serve with dedicated kernels, while 3D
   depthwise convolutions fall back to generic ones.
+- ``"triton"`` (opt-in): the identity, the bias and every axis's taps in one pass of a Triton kernel, forward and
+  backward (:mod:`ulite_monai.networks.triton_axial`); CUDA devices, or the CPU under ``TRITON_INTERPRET=1``.
 - ``"auto"``: ``"merged"`` on the CPU, ``"views"`` on other devices (CUDA), ``"reference"`` in 1D.
 
 See ``docs/benchmarks/benchmark.md`` (section "Training step") for the measurements behind these choices and
@@ -50,7 +52,7 @@ __all__ = [
     "pointwise_conv",
 ]
 
-AXIAL_IMPLS = ("auto", "reference", "merged", "views")
+AXIAL_IMPLS = ("auto", "reference", "merged", "views", "triton")
 
 
 def check_axial_impl(impl: str, spatial_dims: int) -> str:

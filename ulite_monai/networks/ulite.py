@@ -53,8 +53,8 @@ class AxialDWConv(nn.Module):
         channels: number of input (and output) channels.
         kernel_size: length of each axial kernel (odd).
         dilation: dilation of each axial kernel.
-        impl: how the block is computed, one of ``"auto"``, ``"reference"``, ``"merged"``, ``"views"``
-            (see :mod:`ulite_monai.networks.axial`); all give the same outputs and gradients up to float
+        impl: how the block is computed, one of ``"auto"``, ``"reference"``, ``"merged"``, ``"views"``,
+            ``"triton"`` (see :mod:`ulite_monai.networks.axial`); all give the same outputs and gradients up to float
             rounding. ``"merged"`` and ``"views"`` return channels-last tensors.
     """
 
@@ -102,6 +102,10 @@ class AxialDWConv(nn.Module):
         dilations = [self.dilation] * self.spatial_dims
         if impl == "views":
             return axial_views(x, weights, biases, dilations)
+        if impl == "triton":
+            from ulite_monai.networks.triton_axial import axial_triton
+
+            return axial_triton(x, weights, biases, dilations)
         return axial_merged(x, weights, biases, dilations, custom_backward=self.training)
 
 
@@ -310,7 +314,8 @@ class ULite(nn.Module):
         norm: normalization type and arguments (paper: batch norm).
         pad_mode: how inputs whose size is not a multiple of ``2 ** stages`` are padded
             (``"constant"`` (zeros), ``"replicate"`` or ``"reflect"``).
-        axial_impl: ``"auto"`` (default), ``"reference"``, ``"merged"`` or ``"views"`` (see above).
+        axial_impl: ``"auto"`` (default), ``"reference"``, ``"merged"``, ``"views"`` or ``"triton"`` (see above
+            and :mod:`ulite_monai.networks.axial`; ``"triton"`` is opt-in, for CUDA).
 
     Example::
 
