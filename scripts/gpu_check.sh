@@ -18,7 +18,7 @@
 #   OUT         output folder (the device tool sets it; default .ulite_cache/gpu_check)
 #   PYTHON      interpreter (default: .venv/bin/python when present, else python3)
 #   SITE        where the wheels of .whl/ are installed when MONAI is missing (default /tmp/site)
-#   CUDA_TESTS  test files for `pytest -m cuda` (default: tests/test_networks*.py tests/test_bench*.py)
+#   CUDA_TESTS  test files for `pytest -m cuda` (default: tests/test_networks*.py tests/test_triton*.py tests/test_bench*.py)
 #   STAGES      which of "tests train speed sw" to run (default: all, in that order; setup always runs)
 #   T_SETUP T_TESTS T_TRAIN T_SPEED T_SW   time boxes in seconds per stage
 # Outputs in $OUT: benchmark.json, benchmark.md, latency_vs_params.png, training_step.png, environment.txt,
@@ -124,7 +124,7 @@ fi
 head -n 20 "$OUT/environment.txt"
 
 # --- the CUDA tests (skipped without a GPU) ------------------------------------------------------------------------
-read -r -a tests <<< "${CUDA_TESTS:-$(ls tests/test_networks*.py tests/test_bench*.py 2>/dev/null | tr '\n' ' ')}"
+read -r -a tests <<< "${CUDA_TESTS:-$(ls tests/test_networks*.py tests/test_triton*.py tests/test_bench*.py 2>/dev/null | tr '\n' ' ')}"
 cuda_tests() {
   "$PYTHON" -m pytest -m cuda -q -rs --disable-warnings -p no:cacheprovider "$@"
   local rc=$?
@@ -141,7 +141,7 @@ if [ "$QUICK" = 1 ]; then
   speed_args=(--quick --dims 2 --models ulite-fused monai-unet --no-train)
   sw_args=(--quick --sw-no-sweep)
 else
-  train_args=(--train-models ulite ulite-cl monai-unet monai-unet-cl --train-repeats 20)
+  train_args=(--train-models ulite ulite-triton monai-unet monai-unet-cl --train-repeats 20)
   speed_args=(--models ulite ulite-fused ulite-fused-nchw monai-unet segresnet basicunet attentionunet unetr swinunetr
               classic-unet --repeats 20 --repeats-3d 10)
   sw_args=(--sw-grid --sw-roi 64 96 128 --sw-batch 1 2 4 8 --sw-overlap 0.25 --sw-repeats 3)

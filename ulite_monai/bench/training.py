@@ -14,7 +14,8 @@ Workloads (:data:`WORKLOADS`):
 Models (:data:`TRAIN_MODELS`): ``ulite``, ``monai-unet``, and variants with the network and its input in
 channels-last memory format (``-cl``) or the network under ``torch.compile`` (``-compile``);
 ``ulite-reference`` is U-Lite with ``axial_impl="reference"`` (the reference code's computation, same
-parameters), to show what the default ``axial_impl="auto"`` gains (see :mod:`ulite_monai.networks.axial`).
+parameters), to show what the default ``axial_impl="auto"`` gains (see :mod:`ulite_monai.networks.axial`);
+``ulite-triton`` is U-Lite with ``axial_impl="triton"`` (the Triton axial kernels; CUDA).
 
 A step is what MONAI's ``SupervisedTrainer`` does (:func:`ulite_monai.bench.workloads.make_step`): zero the
 gradients, forward and loss under autocast (``--amp``), backward and optimiser step through a ``GradScaler``
@@ -54,10 +55,14 @@ TRAIN_MODELS: dict[str, tuple[str, bool, bool, str]] = {
     "ulite-cl": ("ulite", True, False, "U-Lite channels-last"),
     "ulite-compile": ("ulite", False, True, "U-Lite + torch.compile"),
     "ulite-reference": ("ulite-reference", False, False, "U-Lite, reference axial convs"),
+    "ulite-triton": ("ulite-triton", False, False, "U-Lite, Triton axial kernels"),
     "monai-unet": ("monai-unet", False, False, "MONAI UNet"),
     "monai-unet-cl": ("monai-unet", True, False, "MONAI UNet channels-last"),
     "monai-unet-compile": ("monai-unet", False, True, "MONAI UNet + torch.compile"),
 }
+
+#: U-Lite families that set ``axial_impl``
+_AXIAL_IMPL = {"ulite-reference": "reference", "ulite-triton": "triton"}
 
 _UNET = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2}
 
@@ -95,7 +100,7 @@ def _synthetic(name: str, dims: int, batch: int, size: Sequence[int], cin: int, 
         if family.startswith("ulite"):
             kwargs = {"features": tuple(int(f) for f in features)} if features else {}
             net = ULite(spatial_dims=dims, in_channels=cin, out_channels=cout,
-                        axial_impl="reference" if family == "ulite-reference" else "auto", **kwargs)
+                        axial_impl=_AXIAL_IMPL.get(family, "auto"), **kwargs)
         else:
             net = UNet(dims, cin, cout, **_UNET)
         net = net.to(dev)
@@ -121,8 +126,8 @@ def _bundle_workload(bundle, dev: torch.device, quick: bool) -> _Workload:
     size = tuple(int(s) for s in p("patch_size"))
 
     def build(family: str, dev: torch.device):
-        if family == "ulite-reference":
-            mb = _bundle(bundle, {"network_def#axial_impl": "reference"})
+        if family in _AXIAL_IMPL:
+            mb = _bundle(bundle, {"network_def#axial_impl": _AXIAL_IMPL[family]})
         else:
             net_def = NETWORK_DEFS[family]
             mb = _bundle(bundle, {"network_def": net_def} if net_def is not None else None)
