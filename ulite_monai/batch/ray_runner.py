@@ -179,6 +179,58 @@ class _Slot:
         self.alive = True
 
 
+class _Workers:
+    """The actor pool: starting, replacing (up to a budget) and stopping workers, and the ``engine`` counters."""
+
+    def __init__(self, ray, actor_cls, spec: dict, ro: RayOptions, engine: dict) -> None:
+        self.ray, self.actor_cls, self.spec, self.engine = ray, actor_cls, spec, engine
+        self.slots: list[_Slot] = []
+        self.replacements_left = ro.max_replacements if ro.max_replacements is not None else 2 * ro.workers
+
+    def spawn(self) -> None:
+        handle = self.actor_cls.remote(self.spec)
+        self.slots.append(_Slot(handle, handle.ready.remote(), time.perf_counter()))
+        self.engine["workers_started"] += 1
+
+    def replace(self) -> bool:
+        """Start a replacement worker if the budget allows; whether one was started."""
+        if self.replacements_left <= 0:
+            return False
+        self.replacements_left -= 1
+        self.spawn()
+        return True
+
+    def drop(self, slot: _Slot) -> None:
+        """A worker is gone (or unusable): kill it and start a replacement if the budget allows."""
+        if not slot.alive:
+            return
+        slot.alive = False
+        self.engine["workers_lost"] += 1
+        with contextlib.suppress(Exception):
+            self.ray.kill(slot.handle, no_restart=True)
+        self.replace()
+
+    def starting(self) -> dict:
+        """``ready`` reference -> slot, for the live workers still loading the bundle."""
+        return {s.ready_ref: s for s in self.slots if s.alive and s.info is None}
+
+    def any_ready(self) -> bool:
+        return any(s.alive and s.info is not None for s in self.slots)
+
+    def mark_ready(self, slot: _Slot, info: dict, t_connect: float) -> None:
+        slot.info = info
+        self.engine["worker_devices"].append(info["device"])
+        if info["node_id"] not in self.engine["worker_nodes"]:
+            self.engine["worker_nodes"].append(info["node_id"])
+        if self.engine["first_worker_ready_s"] is None:
+            self.engine["first_worker_ready_s"] = round(time.perf_counter() - t_connect, 3)
+
+    def kill_all(self) -> None:
+        for slot in self.slots:
+            with contextlib.suppress(Exception):
+                self.ray.kill(slot.handle, no_restart=True)
+
+
 def _actor_spec(opts, pipeline, out: Path, scope: Path, ro: RayOptions) -> dict:
     from ulite_monai.batch.runner import _package_version
 
@@ -226,13 +278,44 @@ def _connected(ro: RayOptions):
         ray.shutdown()
 
 
+def _commit(committer: Committer, item: WorkItem, row: dict, attempt: Path, pusher, counts: dict,
+            model_version: str, bar) -> dict | None:
+    """Commit one finished series on the driver (stage its attempt folder, push, record the manifest row); the
+    committed row, or None for a late duplicate (the first result stands)."""
+    from ulite_monai.batch.commit import DuplicateResult
+    from ulite_monai.batch.runner import failure_reason
+
+    if item.key in committer.committed:
+        committer.discard(attempt)
+        return None
+    try:
+        if row["status"] in ("done", "empty"):
+            row = committer.stage(item, row, attempt)
+        else:
+            committer.discard(attempt)
+    except DuplicateResult:
+        return None
+    except OSError as e:
+        committer.discard(attempt)
+        row = failed_row(item, model_version, failure_reason(e))
+    if row["status"] == "failed":
+        bar.write(f"failed: {item.key}: {row['reason']}")
+    if pusher is not None and row["status"] == "done":
+        row = pusher.push(row)
+        counts["push_failed"] += row["push_status"] != "ok"
+    if row["status"] == "failed":
+        committer.fail(item, row)
+    else:
+        committer.record(row)
+    return row
+
+
 def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opts, pusher, out: Path,
                      tmp_dir: Path) -> dict:
     """Segment ``todo`` on a Ray actor pool, committing each result on the driver; the loop's timings and an
     ``engine`` description (see the module docstring). Called by :func:`~ulite_monai.batch.runner.run_batch`."""
     from tqdm.auto import tqdm
 
-    from ulite_monai.batch.commit import DuplicateResult
     from ulite_monai.batch.runner import failure_reason
 
     ro: RayOptions = opts.ray
@@ -243,35 +326,15 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
 
         scope = tmp_dir / "ray"
         committer = Committer(out, scope, manifest)
-        spec = _actor_spec(opts, pipeline, out, scope, ro)
         actor_cls = ray.remote(num_cpus=ro.cpus_per_worker, num_gpus=ro.gpus_per_worker, max_restarts=0,
                                max_concurrency=2)(SeriesActor)
-        slots: list[_Slot] = []
-        replacements_left = ro.max_replacements if ro.max_replacements is not None else 2 * ro.workers
         engine = {"name": "ray", "address": address, "workers": ro.workers, "cpus_per_worker": ro.cpus_per_worker,
                   "gpus_per_worker": ro.gpus_per_worker, "connect_s": round(connect_s, 3), "workers_started": 0,
                   "workers_lost": 0, "series_retried": 0, "first_worker_ready_s": None, "worker_devices": [],
                   "worker_nodes": [], "driver_commit_s": 0.0}
-
-        def spawn() -> None:
-            handle = actor_cls.remote(spec)
-            slots.append(_Slot(handle, handle.ready.remote(), time.perf_counter()))
-            engine["workers_started"] += 1
-
-        def drop(slot: _Slot) -> None:
-            nonlocal replacements_left
-            if not slot.alive:
-                return
-            slot.alive = False
-            engine["workers_lost"] += 1
-            with contextlib.suppress(Exception):
-                ray.kill(slot.handle, no_restart=True)
-            if replacements_left > 0:
-                replacements_left -= 1
-                spawn()
-
+        workers = _Workers(ray, actor_cls, _actor_spec(opts, pipeline, out, scope, ro), ro, engine)
         for _ in range(max(1, ro.workers)):
-            spawn()
+            workers.spawn()
         bar = tqdm(total=len(todo), unit="series", desc="ulite-dicom (ray)", disable=not opts.progress,
                    dynamic_ncols=True)
         pending = collections.deque(todo)
@@ -282,24 +345,21 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
         t_idle = time.perf_counter()  # since when no worker has been ready
         try:
             while pending or in_flight:
-                for slot in slots:
+                for slot in workers.slots:  # keep every ready worker busy
                     while slot.alive and slot.info is not None and slot.in_flight < max(1, ro.in_flight) and pending:
                         item = pending.popleft()
                         t_loop = t_loop or time.perf_counter()
                         attempt = committer.new_attempt(item.key)
-                        ref = slot.handle.segment.remote(item, str(attempt))
-                        in_flight[ref] = (slot, item, attempt)
+                        in_flight[slot.handle.segment.remote(item, str(attempt))] = (slot, item, attempt)
                         slot.in_flight += 1
-                starting = {s.ready_ref: s for s in slots if s.alive and s.info is None}
+                starting = workers.starting()
                 if not in_flight and not starting:
-                    if replacements_left > 0:
-                        replacements_left -= 1
-                        spawn()
+                    if workers.replace():
                         continue
                     raise RuntimeError(f"every Ray worker died; {len(pending)} series not segmented (rerun to resume)")
                 done, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=5.0)
                 if not done:
-                    if any(s.alive and s.info is not None for s in slots):
+                    if workers.any_ready():
                         t_idle = time.perf_counter()
                     elif time.perf_counter() - t_idle > ro.start_timeout_s:
                         raise RuntimeError(
@@ -307,20 +367,14 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                             f"{ro.cpus_per_worker} CPU(s) and {ro.gpus_per_worker} GPU(s) free per worker?")
                     continue
                 ref = done[0]
-                if ref in starting:
-                    slot = starting[ref]
+                if ref in starting:  # a worker finished loading the bundle (or failed to)
                     try:
-                        slot.info = ray.get(ref)
+                        workers.mark_ready(starting[ref], ray.get(ref), t_connect)
                     except RayError as e:
                         if getattr(e, "actor_init_failed", False):
                             raise RuntimeError(f"a Ray worker could not load the bundle: {_first_line(e)}") from None
-                        drop(slot)
+                        workers.drop(starting[ref])
                         continue
-                    engine["worker_devices"].append(slot.info["device"])
-                    if slot.info["node_id"] not in engine["worker_nodes"]:
-                        engine["worker_nodes"].append(slot.info["node_id"])
-                    if engine["first_worker_ready_s"] is None:
-                        engine["first_worker_ready_s"] = round(time.perf_counter() - t_connect, 3)
                     t_idle = time.perf_counter()
                     continue
                 slot, item, attempt = in_flight.pop(ref)
@@ -333,7 +387,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                     row = failed_row(item, pipeline.model_version, failure_reason(cause))
                 except RayError as e:  # the worker process or its node is gone: the series goes back to the queue
                     committer.discard(attempt)
-                    drop(slot)
+                    workers.drop(slot)
                     deaths[item.key] += 1
                     if deaths[item.key] < ro.max_attempts:
                         engine["series_retried"] += 1
@@ -343,31 +397,12 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                     row = failed_row(item, pipeline.model_version,
                                      f"the worker process ended {deaths[item.key]} times while segmenting this "
                                      f"series (out of memory?); last: {type(e).__name__}")
-                if item.key in committer.committed:  # a late duplicate: the first result stands
-                    committer.discard(attempt)
-                    continue
                 t_commit = time.perf_counter()
-                try:
-                    if row["status"] in ("done", "empty"):
-                        row = committer.stage(item, row, attempt)
-                    else:
-                        committer.discard(attempt)
-                except DuplicateResult:
+                row = _commit(committer, item, row, attempt, pusher, counts, pipeline.model_version, bar)
+                if row is None:
                     continue
-                except OSError as e:
-                    committer.discard(attempt)
-                    row = failed_row(item, pipeline.model_version, failure_reason(e))
-                if row["status"] == "failed":
-                    bar.write(f"failed: {item.key}: {row['reason']}")
-                if pusher is not None and row["status"] == "done":
-                    row = pusher.push(row)
-                    push_s += row["push_s"]
-                    counts["push_failed"] += row["push_status"] != "ok"
-                if row["status"] == "failed":
-                    committer.fail(item, row)
-                else:
-                    committer.record(row)
                 engine["driver_commit_s"] += time.perf_counter() - t_commit  # (includes a push, if any)
+                push_s += row.get("push_s") or 0.0  # set by the push in _commit, if any
                 timings = row.get("timings_s") or {}
                 model_s += timings.get("model", 0.0)
                 wait_s += timings.get("wait", 0.0)
@@ -377,9 +412,7 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
                 bar.set_postfix({k: v for k, v in counts.items() if v and k != "already_done"}, refresh=False)
         finally:
             bar.close()
-            for slot in slots:
-                with contextlib.suppress(Exception):
-                    ray.kill(slot.handle, no_restart=True)
+            workers.kill_all()
         t_end = time.perf_counter()
         loop_s = t_end - (t_loop or t_end)
         engine["connect_to_first_series_s"] = round((t_loop or t_end) - t_connect, 3)
