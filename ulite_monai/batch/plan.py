@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.io.dicom_series import DicomSeries, ImageInstance, discover_inputs, sanitize_name
+from ulite_monai.io.dicom_series import (
+    DicomSeries,
+    ImageInstance,
+    SeriesRejectedError,
+    discover_inputs,
+    sanitize_name,
+)
 from ulite_monai.io.series_selection import SeriesSelector
 
-__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "failed_row", "output_stem", "series_stem", "VOLUME_SUFFIXES",
+__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "failed_row", "failure_reason", "output_stem", "series_stem", "VOLUME_SUFFIXES",
            "OUTPUT_SUFFIXES"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -108,6 +115,29 @@ def item_row(item: WorkItem) -> dict[str, Any]:
 def failed_row(item: WorkItem, model_version: str, reason: str) -> dict[str, Any]:
     """The manifest row of ``item`` when it could not be segmented, with the reason."""
     return {**item_row(item), "model_version": model_version, "status": "failed", "reason": reason}
+
+
+_WRAPPED = re.compile(r"applying transform <?([\w.]+)")
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line for the manifest saying why a series failed: the underlying error, not MONAI's wrapper
+    ("applying transform <...>"), with the transform it came from, e.g. ``LoadImaged: cannot read ...``."""
+    where = []
+    while True:
+        m = _WRAPPED.match(str(e).strip())
+        inner = e.__cause__ or e.__context__
+        if not m or inner is None:
+            break
+        name = m.group(1).rsplit(".", 1)[-1]
+        if name not in where:
+            where.append(name)
+        e = inner
+    text = str(e).strip().splitlines()
+    line = text[-1] if isinstance(e, RuntimeError) and "Traceback" in str(e) else " ".join(text)
+    if not isinstance(e, (SeriesRejectedError, FileNotFoundError, ValueError, RuntimeError)) or not line:
+        line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return (f"{where[-1]}: " if where else "") + line[:500]
 
 
 def _volume_stem(rel: str, folder: str = "volumes", suffixes: tuple[str, ...] = VOLUME_SUFFIXES) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ulite_monai.batch.commit import Committer
-from ulite_monai.batch.plan import WorkItem, failed_row
+from ulite_monai.batch.plan import WorkItem, failed_row, failure_reason
 
 __all__ = ["RayOptions", "run_items_on_ray", "import_ray", "SeriesActor"]
 
@@ -150,24 +150,19 @@ class SeriesActor:
     def segment(self, item: WorkItem, attempt_dir: str) -> dict:
         """Read, infer and write one series into ``attempt_dir``; its manifest row (``failed`` with the reason
         when it cannot be segmented). The model runs for one series at a time; the next one reads meanwhile."""
-        from ulite_monai.batch.runner import failure_reason
-
         with self._read_lock:
             ld = self.worker.load(item)
         with self._model_lock:
-            t0 = time.perf_counter()
-            wait = max(0.0, t0 - self._idle_since)
+            wait = max(0.0, time.perf_counter() - self._idle_since)
             try:
                 self.worker.out = Path(attempt_dir)
-                row = self.worker.process(ld)
-                row["timings_s"]["wait"] = round(wait, 4)
-                row["timings_s"]["total"] = round(time.perf_counter() - t0 + ld.read_s + ld.preprocess_s, 4)
-            except Exception as e:
-                row = failed_row(ld.item, self.worker.pipeline.model_version, failure_reason(e))
+                # a failure leaves the real outputs alone: the driver discards the attempt folder
+                row = self.worker.run(ld, remove_failed=False)
             finally:
                 self.worker.out = self.out
-                self.worker.cleanup(ld)
                 self._idle_since = time.perf_counter()
+        if row["status"] != "failed":
+            row["timings_s"]["wait"] = round(wait, 4)
         return {"row": row, "pid": os.getpid()}
 
 
@@ -283,7 +278,6 @@ def _commit(committer: Committer, item: WorkItem, row: dict, attempt: Path, push
     """Commit one finished series on the driver (stage its attempt folder, push, record the manifest row); the
     committed row, or None for a late duplicate (the first result stands)."""
     from ulite_monai.batch.commit import DuplicateResult
-    from ulite_monai.batch.runner import failure_reason
 
     if item.key in committer.committed:
         committer.discard(attempt)
@@ -316,7 +310,6 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
     ``engine`` description (see the module docstring). Called by :func:`~ulite_monai.batch.runner.run_batch`."""
     from tqdm.auto import tqdm
 
-    from ulite_monai.batch.runner import failure_reason
 
     ro: RayOptions = opts.ray
     t_connect = time.perf_counter()

@@ -19,7 +19,6 @@ The manifest row is appended after the outputs are renamed into place. A rerun s
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import tempfile
 import time
@@ -29,13 +28,13 @@ from typing import Any, Sequence
 
 from ulite_monai.batch.commit import now
 from ulite_monai.batch.manifest import Manifest
-from ulite_monai.batch.plan import failed_row, plan_batch
+from ulite_monai.batch.plan import failure_reason, plan_batch
 from ulite_monai.batch.prefetch import Prefetcher
 from ulite_monai.batch.qc import ReviewRules
 from ulite_monai.batch.remote import Downloader, Pusher, plan_remote
 from ulite_monai.batch.worker import DEFAULT_FORMATS, FORMATS, SeriesWorker
 from ulite_monai.bundle import Bundle
-from ulite_monai.io.dicom_series import OUTPUT_MARKER, POSITION_TOLERANCE, SeriesRejectedError
+from ulite_monai.io.dicom_series import OUTPUT_MARKER, POSITION_TOLERANCE
 from ulite_monai.io.pacs import DicomWebPacs, PacsAddress
 from ulite_monai.utils import save_json_atomically
 
@@ -106,29 +105,6 @@ def _clean_partial_files(output_dir: Path) -> int:
             p.unlink()
             n += 1
     return n
-
-
-_WRAPPED = re.compile(r"applying transform <?([\w.]+)")
-
-
-def failure_reason(e: BaseException) -> str:
-    """One line for the manifest saying why a series failed: the underlying error, not MONAI's wrapper
-    ("applying transform <...>"), with the transform it came from, e.g. ``LoadImaged: cannot read ...``."""
-    where = []
-    while True:
-        m = _WRAPPED.match(str(e).strip())
-        inner = e.__cause__ or e.__context__
-        if not m or inner is None:
-            break
-        name = m.group(1).rsplit(".", 1)[-1]
-        if name not in where:
-            where.append(name)
-        e = inner
-    text = str(e).strip().splitlines()
-    line = text[-1] if isinstance(e, RuntimeError) and "Traceback" in str(e) else " ".join(text)
-    if not isinstance(e, (SeriesRejectedError, FileNotFoundError, ValueError, RuntimeError)) or not line:
-        line = f"{type(e).__name__}: {line}" if line else type(e).__name__
-    return (f"{where[-1]}: " if where else "") + line[:500]
 
 
 def check_output_folder(out: Path) -> None:
@@ -262,20 +238,15 @@ def _run_items(todo: list, worker: SeriesWorker, manifest: Manifest, counts: dic
             wait_s += item_wait
             if ld is None:
                 break
-            t_item = time.perf_counter()
             try:
-                row = worker.process(ld)
-                row["timings_s"]["wait"] = round(item_wait, 4)
-                row["timings_s"]["total"] = round(time.perf_counter() - t_item + ld.read_s + ld.preprocess_s, 4)
-                model_s += row["timings_s"]["model"]
-            except Exception as e:
-                row = failed_row(ld.item, worker.pipeline.model_version, failure_reason(e))
-                with contextlib.suppress(OSError):
-                    worker.remove_outputs(ld.item)  # no earlier model's result stays beside a failure
-                bar.write(f"failed: {ld.item.key}: {row['reason']}")
+                row = worker.run(ld)
             finally:
-                worker.cleanup(ld)
                 fetch.release()
+            if row["status"] == "failed":
+                bar.write(f"failed: {ld.item.key}: {row['reason']}")
+            else:
+                row["timings_s"]["wait"] = round(item_wait, 4)
+                model_s += row["timings_s"]["model"]
             if pusher is not None and row["status"] == "done":
                 row = pusher.push(row)
                 push_s += row["push_s"]

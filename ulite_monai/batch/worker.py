@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ulite_monai.batch.plan import OUTPUT_SUFFIXES, WorkItem, item_row
+from ulite_monai.batch.plan import OUTPUT_SUFFIXES, WorkItem, failed_row, failure_reason, item_row
 from ulite_monai.batch.remote import remove_download
 from ulite_monai.batch.qc import ConfidenceProbe, ReviewRules, review_reasons, write_preview
 from ulite_monai.bundle import InferencePipeline
@@ -275,6 +275,24 @@ class SeriesWorker:
         self.remove_outputs(ld.item, keep=rel.values())
         row.update(outputs=rel, status="empty" if empty else "done",
                    reason="no pixel predicted for any label (no SEG written)" if empty else "")
+        return row
+
+    def run(self, ld: Loaded, remove_failed: bool = True) -> dict:
+        """:meth:`process` for the batch loops, where one bad series never stops the others: its row, or on any
+        error a ``failed`` row with the reason (and, with ``remove_failed``, this item's earlier outputs deleted,
+        so no earlier model's result stays beside a failure). The item's temporary files are removed either way.
+        A row's ``timings_s["total"]`` counts reading, preprocessing and this call."""
+        t = time.perf_counter()
+        try:
+            row = self.process(ld)
+            row["timings_s"]["total"] = round(time.perf_counter() - t + ld.read_s + ld.preprocess_s, 4)
+        except Exception as e:  # noqa: BLE001 - recorded in the manifest row
+            row = failed_row(ld.item, self.pipeline.model_version, failure_reason(e))
+            if remove_failed:
+                with contextlib.suppress(OSError):
+                    self.remove_outputs(ld.item)
+        finally:
+            self.cleanup(ld)
         return row
 
     def remove_outputs(self, item: WorkItem, keep=()) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 from monai.deploy.core import ExecutionContext, Fragment, InputContext, Operator, OperatorSpec, OutputContext
@@ -104,23 +103,12 @@ class BundleSegmentationOperator(Operator):
         logger.info("bundle %s loaded on %s", pipeline.model_version, pipeline.device)
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
-        from ulite_monai.batch.plan import failed_row
-        from ulite_monai.batch.runner import failure_reason
-
         plan = op_input.receive("plan")
         rows = [dict(r) for r in plan["skipped"]]
         for item in plan["todo"]:
-            t = time.perf_counter()
-            ld = self.worker.load(item)
-            try:
-                row = self.worker.process(ld)
-                row["timings_s"]["total"] = round(time.perf_counter() - t, 4)
-            except Exception as e:  # one bad series never stops the others
-                row = failed_row(item, self.worker.pipeline.model_version, failure_reason(e))
-                self.worker.remove_outputs(item)
+            row = self.worker.run(self.worker.load(item))  # one bad series never stops the others
+            if row["status"] == "failed":
                 logger.warning("failed: %s: %s", item.key, row["reason"])
-            finally:
-                self.worker.cleanup(ld)
             rows.append(row)
         op_output.emit(rows, "rows")
 
