@@ -18,6 +18,7 @@ imported), which is how the project's CPU tests check it. Measure it against the
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -64,6 +65,11 @@ def _kernels():
     return kern.axial_fwd, kern.axial_wgrad
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(c: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C): up to 64 channels per program, about 4096 elements per program."""
     block_c = min(64, 1 << max(0, (int(c) - 1).bit_length()))
@@ -89,8 +95,9 @@ def _launch_fwd(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, 
     bp, bc = _blocks(c)
     grid = ((p + bp - 1) // bp, (c + bc - 1) // bc)
     b = bias.float().contiguous() if bias is not None else taps  # a dummy pointer when there is no bias
-    fwd[grid](x, taps, b, out, p, c, d, h, w, int(dilation), K=taps.shape[1], NAX=taps.shape[0],
-              HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc)
+    with _on_device(x):
+        fwd[grid](x, taps, b, out, p, c, d, h, w, int(dilation), K=taps.shape[1], NAX=taps.shape[0],
+                  HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc)
     return out
 
 
@@ -101,7 +108,8 @@ def _launch_wgrad(g: torch.Tensor, x: torch.Tensor, nax: int, k: int, dilation: 
     bp, bc = _blocks(c)
     grid = ((p + bp - 1) // bp, (c + bc - 1) // bc)
     part = torch.empty(grid[0], nax * k + 1, c, dtype=torch.float32, device=x.device)
-    wgrad[grid](g, x, part, p, c, d, h, w, int(dilation), K=k, NAX=nax, BLOCK_P=bp, BLOCK_C=bc)
+    with _on_device(x):
+        wgrad[grid](g, x, part, p, c, d, h, w, int(dilation), K=k, NAX=nax, BLOCK_P=bp, BLOCK_C=bc)
     return part.sum(0)
 
 
