@@ -233,6 +233,13 @@ class _CommittingWorker:
     def cleanup(self, ld) -> None:
         self.worker.cleanup(ld)
 
+    def run(self, ld, remove_failed: bool = True) -> dict:
+        """:meth:`SeriesWorker.run <ulite_monai.batch.worker.SeriesWorker.run>` through this wrapper's process,
+        remove_outputs and cleanup."""
+        from ulite_monai.batch.worker import SeriesWorker
+
+        return SeriesWorker.run(self, ld, remove_failed)
+
 
 class _CommittingManifest:
     def __init__(self, committer: Committer) -> None:
