@@ -84,7 +84,7 @@ print(json.dumps({"steps": len(index), "before": before, "after": allocator_sett
 @pytest.mark.parametrize("bundle,extra", [("ulite", []), ("ulite_2d", []), ("ulite", ["multi_gpu_train.json"])])
 def test_training_configs_tune_the_allocator(bundle, extra):
     """Training re-faulted its activations on every step without it (2D paper config, 2 cores: an epoch took
-    26.5 s instead of 18.9 s; docs/benchmarks/README.md, "CPU allocator")."""
+    26.5 s instead of 18.1-19.8 s; docs/benchmarks/README.md, "CPU allocator")."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "bundles" / bundle

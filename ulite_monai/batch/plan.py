@@ -27,8 +27,8 @@ from ulite_monai.io.dicom_series import (
 )
 from ulite_monai.io.series_selection import SeriesSelector
 
-__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "failed_row", "failure_reason", "output_stem", "series_stem", "VOLUME_SUFFIXES",
-           "OUTPUT_SUFFIXES"]
+__all__ = ["WorkItem", "Plan", "plan_batch", "item_row", "failed_row", "failure_reason", "output_stem", "series_stem",
+           "VOLUME_SUFFIXES", "OUTPUT_SUFFIXES"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # every output a series can have: <out_stem><suffix>

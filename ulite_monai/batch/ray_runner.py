@@ -310,7 +310,6 @@ def run_items_on_ray(todo: list[WorkItem], pipeline, manifest, counts: dict, opt
     ``engine`` description (see the module docstring). Called by :func:`~ulite_monai.batch.runner.run_batch`."""
     from tqdm.auto import tqdm
 
-
     ro: RayOptions = opts.ray
     t_connect = time.perf_counter()
     with _connected(ro) as (ray, address):

@@ -234,11 +234,10 @@ class _CommittingWorker:
         self.worker.cleanup(ld)
 
     def run(self, ld, remove_failed: bool = True) -> dict:
-        """:meth:`SeriesWorker.run <ulite_monai.batch.worker.SeriesWorker.run>` through this wrapper's process,
-        remove_outputs and cleanup."""
-        from ulite_monai.batch.worker import SeriesWorker
+        """:func:`~ulite_monai.batch.worker.run_series` through this wrapper's process, remove_outputs, cleanup."""
+        from ulite_monai.batch.worker import run_series
 
-        return SeriesWorker.run(self, ld, remove_failed)
+        return run_series(self, ld, remove_failed)
 
 
 class _CommittingManifest:

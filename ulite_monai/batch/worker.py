@@ -31,7 +31,7 @@ from ulite_monai.io.rtstruct import write_rtstruct
 from ulite_monai.io.sr import write_volume_report
 from ulite_monai.utils import save_atomically
 
-__all__ = ["Loaded", "SeriesWorker", "label_array", "to_volume_order", "FORMATS", "DEFAULT_FORMATS"]
+__all__ = ["Loaded", "SeriesWorker", "run_series", "label_array", "to_volume_order", "FORMATS", "DEFAULT_FORMATS"]
 
 FORMATS = ("seg", "nifti", "rtstruct", "sr", "qc")
 DEFAULT_FORMATS = ("seg", "nifti", "qc")
@@ -278,22 +278,8 @@ class SeriesWorker:
         return row
 
     def run(self, ld: Loaded, remove_failed: bool = True) -> dict:
-        """:meth:`process` for the batch loops, where one bad series never stops the others: its row, or on any
-        error a ``failed`` row with the reason (and, with ``remove_failed``, this item's earlier outputs deleted,
-        so no earlier model's result stays beside a failure). The item's temporary files are removed either way.
-        A row's ``timings_s["total"]`` counts reading, preprocessing and this call."""
-        t = time.perf_counter()
-        try:
-            row = self.process(ld)
-            row["timings_s"]["total"] = round(time.perf_counter() - t + ld.read_s + ld.preprocess_s, 4)
-        except Exception as e:  # noqa: BLE001 - recorded in the manifest row
-            row = failed_row(ld.item, self.pipeline.model_version, failure_reason(e))
-            if remove_failed:
-                with contextlib.suppress(OSError):
-                    self.remove_outputs(ld.item)
-        finally:
-            self.cleanup(ld)
-        return row
+        """:func:`run_series` with this worker."""
+        return run_series(self, ld, remove_failed)
 
     def remove_outputs(self, item: WorkItem, keep=()) -> None:
         """Delete this item's earlier outputs (its last row's, and any output name at its stem) except ``keep``."""
@@ -357,3 +343,26 @@ class SeriesWorker:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         ld.data = ld.volume = None
+
+
+def run_series(worker, ld: Loaded, remove_failed: bool = True) -> dict:
+    """``worker.process(ld)`` for the batch loops, where one bad series never stops the others: its row, or on any
+    error a ``failed`` row with the reason (and, with ``remove_failed``, the item's earlier outputs deleted through
+    ``worker.remove_outputs``, so no earlier model's result stays beside a failure). ``worker.cleanup(ld)`` runs
+    either way. A row's ``timings_s["total"]`` counts reading, preprocessing and processing.
+
+    ``worker`` is a :class:`SeriesWorker` or anything with its ``process``, ``remove_outputs``, ``cleanup`` and
+    ``pipeline`` (the shard runner's committing wrapper).
+    """
+    t = time.perf_counter()
+    try:
+        row = worker.process(ld)
+        row["timings_s"]["total"] = round(time.perf_counter() - t + ld.read_s + ld.preprocess_s, 4)
+    except Exception as e:  # noqa: BLE001 - recorded in the manifest row
+        row = failed_row(ld.item, worker.pipeline.model_version, failure_reason(e))
+        if remove_failed:
+            with contextlib.suppress(OSError):
+                worker.remove_outputs(ld.item)
+    finally:
+        worker.cleanup(ld)
+    return row
