@@ -31,7 +31,7 @@ def build(dims: int, in_ch: int, out_ch: int, onnx_dir: str, device: torch.devic
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    net = ULite(dims, in_ch, out_ch).eval()
+    net = ULite(dims, in_ch, out_ch, axial_impl="reference").eval()  # the reference code's computation
     default = inference_network(net)  # what the bundle / batch / label paths use (fused on the CPU, then moved)
     unet = UNet(dims, in_ch, out_ch, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2).eval()
     models = {"unfused": net.to(device), "default": default.to(device)}

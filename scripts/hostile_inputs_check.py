@@ -306,7 +306,7 @@ def _run(args) -> tuple[int, str, str]:
             rc = main([str(a) for a in args])
         except SystemExit as e:
             rc = int(e.code or 0)
-        except BaseException as e:  # a crash is a case not handled cleanly
+        except BaseException:  # a crash is a case not handled cleanly
             import traceback
 
             traceback.print_exc(file=err)

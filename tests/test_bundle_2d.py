@@ -5,7 +5,6 @@ reference-code checkpoints served through the bundle."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import nibabel as nib

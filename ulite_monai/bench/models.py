@@ -58,7 +58,7 @@ MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
         ModelSpec("ulite", "U-Lite (unfused)", "ulite", True, "torch",
-                  "ULite, eval mode, NCHW: the reference structure with BatchNorm"),
+                  "ULite(axial_impl='reference'), eval mode, NCHW: the reference structure with BatchNorm"),
         ModelSpec("ulite-fused", "U-Lite fused", "ulite", False, "torch",
                   "fuse_ulite(net) defaults: BN folded, axial blocks merged (2D), channels-last"),
         ModelSpec("ulite-fused-nchw", "U-Lite fused NCHW", "ulite", False, "torch",
@@ -131,12 +131,12 @@ def export_onnx(net: nn.Module, dims: int, path: str) -> str:
     return path
 
 
-def _ulite(dims: int, features: Sequence[int] | None = None) -> nn.Module:
+def _ulite(dims: int, features: Sequence[int] | None = None, axial_impl: str = "auto") -> nn.Module:
     from ulite_monai.networks import ULite
 
     cin, cout = _IO[dims]
     kwargs = {"features": tuple(int(f) for f in features)} if features else {}
-    return ULite(spatial_dims=dims, in_channels=cin, out_channels=cout, **kwargs)
+    return ULite(spatial_dims=dims, in_channels=cin, out_channels=cout, axial_impl=axial_impl, **kwargs)
 
 
 def _randomise_bn(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -210,10 +210,10 @@ def build_model(name: str, dims: int, train: bool = False, workdir: str | None =
         return (net, net.train()) if train else (net.eval(), net.eval())
     from ulite_monai.networks import fuse_ulite
 
-    base = _randomise_bn(_ulite(dims, features))
-    if name == "ulite":
-        base = base.to(device)
+    if name == "ulite":  # the reference code's computation (NCHW, one depthwise conv per axis), same parameters
+        base = _randomise_bn(_ulite(dims, features, axial_impl="reference")).to(device)
         return (base.train(), base.train()) if train else (base.eval(), base.eval())
+    base = _randomise_bn(_ulite(dims, features))
     base.eval()
     if name == "ulite-fused-nchw":
         fused = fuse_ulite(base, channels_last=False).to(device)

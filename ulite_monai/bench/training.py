@@ -24,7 +24,9 @@ models of a workload live in one process and are timed interleaved, one step per
 warm-up steps; medians are reported. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during one
 step minus what was allocated before the model was built, plus the batch: weights, gradients, optimiser state,
 activations and batch; on the CPU the growth of the process's resident set during one step (after handing
-freed heap pages back), which is the step's working memory.
+freed heap pages back), which is the step's working memory. On the CPU the mode sets glibc's allocator as the
+bundles' training configs do (:func:`ulite_monai.utils.tune_cpu_allocator`, unless ``ULITE_TUNE_ALLOCATOR=0``) and
+records the setting.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn as nn
 from ulite_monai.bench import measure
 from ulite_monai.bench import device as D
 from ulite_monai.networks.utils import channels_last_format
+from ulite_monai.utils import allocator_settings, tune_cpu_allocator
 
 __all__ = ["WORKLOADS", "TRAIN_MODELS", "run_training_step"]
 
@@ -239,7 +242,9 @@ def run_training_step(
         return cache["b"]
 
     warm = max(1, warmup, 3 if dev.type == "cuda" else 1)
-    out = {"device": str(dev), "amp": amp, "threads": torch.get_num_threads(),
+    if dev.type == "cpu":  # as the training configs do: keep the step's freed memory for the next step
+        tune_cpu_allocator()
+    out = {"device": str(dev), "amp": amp, "threads": torch.get_num_threads(), "allocator": allocator_settings(),
            "load_average_start": measure.load_average(), "workloads": []}
     for wl in _workloads(workloads, get_bundle, dev, quick):
         shape = [wl.batch, wl.in_channels, *wl.size]

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.data import partition_dataset
@@ -19,6 +19,9 @@ from monailabel.utils.others.generic import device_list, name_to_device
 
 from ulite_monai.bundle import Bundle, CheckpointError, load_weights, read_checkpoint
 from ulite_monai.utils import save_atomically, save_json_atomically
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigWorkflow
 
 logger = logging.getLogger(__name__)
 
