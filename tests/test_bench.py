@@ -168,6 +168,26 @@ def test_update_keeps_other_modes(tmp_path):
     assert "are from another run" in (out / "benchmark.md").read_text()
 
 
+def test_update_attributes_each_kept_section_to_the_run_that_measured_it():
+    """Three --update runs in a row: each section is credited to the run that measured it, a run whose sections
+    were all replaced drops out, and the machine of each run is named."""
+    first = {"created_utc": "t1", "command": "bench --modes speed sw", "environment": {"cpu": "AMD EPYC"},
+             "speed": {"a": 1}, "sliding_window": {"b": 2}}
+    second = {"created_utc": "t2", "command": "bench --modes train --update", "environment": {"cpu": "Intel Xeon"},
+              "training_step": {"c": 3}} | cli.earlier_results(first, ["training_step"])
+    assert second["speed"] == {"a": 1} and second["sliding_window"] == {"b": 2}
+    assert [(r["created_utc"], r["kept"], r["machine"]) for r in second["earlier_runs"]] == [
+        ("t1", ["speed", "sliding_window"], "AMD EPYC")]
+    third = cli.earlier_results(second, ["speed", "sliding_window"])  # a speed + sw rerun
+    assert set(third) == {"training_step", "earlier_runs"}
+    assert [(r["created_utc"], r["kept"], r["machine"]) for r in third["earlier_runs"]] == [
+        ("t2", ["training_step"], "Intel Xeon")]  # the first run provides nothing any more
+    gpu = {"created_utc": "t3", "command": "bench --device cuda", "environment": {"cpu": "x", "cuda_device": {
+        "gpu": "NVIDIA H200"}}, "speed": {}}
+    assert cli.earlier_results(gpu, [])["earlier_runs"][0]["machine"] == "NVIDIA H200"
+    assert cli.earlier_results(gpu, ["speed"]) == {}
+
+
 def test_committed_cpu_report_renders_unchanged():
     """The committed CPU tables are what the report code makes of the committed JSON (the GPU additions leave
     CPU reports as they were)."""

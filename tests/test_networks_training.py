@@ -3,6 +3,8 @@ reference computation, in train and eval mode, 2D and 3D; the layers they are bu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,3 +343,63 @@ def test_torch_compile_training_step(dims):
     yr.square().mean().backward()
     assert torch.allclose(y, yr, rtol=1e-4, atol=1e-5)
     assert_close_grads(grads(ref), grads(net), 1e-4)
+
+
+# ---------------------------------------------------------------- batch norm of few channels (CPU training path)
+
+
+@pytest.mark.parametrize("dims,channels,momentum", [(3, 8, 0.1), (2, 4, None), (3, 12, 0.3)])
+def test_few_channel_batch_norm_matches_batchnorm(dims, channels, momentum):
+    """``batch_norm`` on a channels-last input of few channels: nn.BatchNorm's outputs, gradients and running
+    statistics over two training steps and in eval mode, and a channels-last result."""
+    from ulite_monai.networks.axial import batch_norm
+
+    torch.manual_seed(0)
+    cls = torch.nn.BatchNorm3d if dims == 3 else torch.nn.BatchNorm2d
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    ref = cls(channels, momentum=momentum).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(channels) + 0.5)
+        ref.bias.copy_(torch.rand(channels) - 0.5)
+    ours = copy.deepcopy(ref).float()
+    shape = (3, channels) + (10, 12, 6)[:dims]
+    for step in range(2):
+        x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).contiguous(memory_format=fmt)  # mean >> std
+        g = torch.randn(shape, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(True), x.float().contiguous(memory_format=fmt).requires_grad_(True)
+        ya, yb = ref(xa), batch_norm(ours, xb)
+        assert yb.is_contiguous(memory_format=fmt) and yb.dtype == torch.float32
+        ya.backward(g)
+        yb.backward(g.float())
+        assert (ya - yb).abs().max().item() < 1e-5, step
+        assert (xa.grad - xb.grad).abs().max().item() < 1e-5 * xa.grad.abs().max().item() + 1e-6, step
+        for p in ("weight", "bias"):
+            a, b = getattr(ref, p).grad, getattr(ours, p).grad
+            assert (a - b).abs().max().item() < 1e-4 * a.abs().max().item(), (step, p)
+            getattr(ref, p).grad = getattr(ours, p).grad = None
+        for name in ("running_mean", "running_var"):
+            assert torch.allclose(getattr(ref, name).float(), getattr(ours, name), rtol=1e-5, atol=1e-6), name
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    ref.eval()
+    ours.eval()
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    assert torch.equal(batch_norm(ours, x), ours(x))  # eval mode: the module itself (running statistics)
+
+
+def test_batch_norm_falls_back_to_the_module():
+    """Inputs the few-channel path does not take go to the module unchanged: 16+ channels, NCHW, eval mode,
+    and a single value per channel raises nn.BatchNorm's own error."""
+    from ulite_monai.networks.axial import batch_norm
+
+    torch.manual_seed(0)
+    for channels, fmt in ((16, torch.channels_last_3d), (8, torch.contiguous_format)):
+        bn = torch.nn.BatchNorm3d(channels)
+        twin_bn = copy.deepcopy(bn)
+        x = torch.randn(2, channels, 4, 4, 4).contiguous(memory_format=fmt)
+        assert torch.equal(batch_norm(bn, x), twin_bn(x))
+        assert torch.equal(bn.running_mean, twin_bn.running_mean)
+    untracked = torch.nn.BatchNorm2d(8, track_running_stats=False).eval()  # batch statistics in eval mode
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(batch_norm(untracked, x), untracked(x), atol=1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm(torch.nn.BatchNorm2d(8), torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))

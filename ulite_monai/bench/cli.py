@@ -112,6 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RESULT_SECTIONS = ("speed", "sliding_window", "training_step", "quality")
+
+
+def earlier_results(previous: dict, replaced: list[str]) -> dict:
+    """What an ``--update`` run keeps from the ``previous`` benchmark.json when it measures the ``replaced`` sections.
+
+    Returns the kept sections and ``earlier_runs``: one entry per earlier run that still provides a section, with
+    the sections it provides (``kept``), its command, time, load average and machine. The previous run's own
+    sections are those that no earlier run of its own file provides.
+    """
+    runs = [dict(r) for r in previous.get("earlier_runs", [])]
+    from_earlier = {k for r in runs for k in r.get("kept", [])}
+    own = [k for k in RESULT_SECTIONS if k in previous and k not in from_earlier]
+    env = previous.get("environment") or {}
+    runs.append({k: previous.get(k) for k in ("created_utc", "command", "load_average_start", "load_average_end")}
+                | {"machine": (env.get("cuda_device") or {}).get("gpu") or env.get("cpu"), "kept": own})
+    kept_runs = []
+    for run in runs:
+        run["kept"] = [k for k in run.get("kept", []) if k not in replaced and k in previous]
+        if run["kept"]:
+            kept_runs.append(run)
+    out = {k: previous[k] for r in kept_runs for k in r["kept"]}
+    if kept_runs:
+        out["earlier_runs"] = kept_runs
+    return out
+
+
 def _needs_bundle(args, modes: set) -> bool:
     return bool(modes & {"sw", "quality"}) or ("train" in modes and bool({"3d", "bundle"} & set(args.train_workloads)))
 
@@ -188,15 +215,7 @@ def main(argv=None) -> int:
 
         previous = json.loads((out / "benchmark.json").read_text())
         keys = {"speed": "speed", "sw": "sliding_window", "train": "training_step", "quality": "quality"}
-        kept = {k: previous[k] for k in keys.values() if k in previous}
-        for mode, key in keys.items():
-            if mode in modes:
-                kept.pop(key, None)
-        if kept:
-            result.update(kept)
-            result["earlier_runs"] = previous.get("earlier_runs", []) + [
-                {k: previous.get(k) for k in ("created_utc", "command", "load_average_start", "load_average_end")}
-                | {"kept": sorted(kept)}]
+        result.update(earlier_results(previous, [keys[m] for m in modes if m in keys]))
 
     def save() -> list[Path]:
         """Write what has been measured so far (after every mode, so an interrupted run keeps its results)."""

@@ -267,8 +267,9 @@ def markdown(report: dict) -> str:
     if env.get("source_sha256"):
         lines[-1:-1] = [f"Package sources SHA-256 {env['source_sha256']}."]
     for run in report.get("earlier_runs", []):
+        machine = f" on {run['machine']}" if run.get("machine") else ""
         lines += [f"Results of {', '.join(run['kept'])} are from another run: `{run['command']}` at "
-                  f"{run['created_utc']} (load average {run.get('load_average_start')} to "
+                  f"{run['created_utc']}{machine} (load average {run.get('load_average_start')} to "
                   f"{run.get('load_average_end')}).", ""]
     if "speed" in report:
         lines += ["## Speed and memory", "",

@@ -19,6 +19,7 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from ulite_monai.networks.axial import (
     axial_merged,
     axial_views,
+    batch_norm,
     check_axial_impl,
     conv3d_by_planes,
     pointwise_conv,
@@ -156,7 +157,7 @@ class ULiteEncoderBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
             return self.reference_forward(x)
-        skip = self.norm(self.dw(x))
+        skip = batch_norm(self.norm, self.dw(x))
         return self.act(self.pool(_conv1x1(self.pw, skip))), skip
 
 
@@ -216,7 +217,7 @@ class ULiteDecoderBlock(nn.Module):
         n_up = self.pw.in_channels - self.pw.out_channels  # a Python int, also under torch.compile
         w = self.pw.weight
         y = upsample_add(pointwise_conv(x, w[:, :n_up], self.pw.bias), pointwise_conv(skip, w[:, n_up:], None))
-        return self.act(_conv1x1(self.pw2, self.dw(self.norm(y))))
+        return self.act(_conv1x1(self.pw2, self.dw(batch_norm(self.norm, y))))
 
 
 class ULiteBottleneck(nn.Module):
@@ -277,7 +278,7 @@ class ULiteBottleneck(nn.Module):
             return self.reference_forward(x)
         x = _conv1x1(self.pw1, x)
         x = torch.cat([x] + [branch(x) for branch in self.branches], dim=1)
-        return self.act(_conv1x1(self.pw2, self.norm(x)))
+        return self.act(_conv1x1(self.pw2, batch_norm(self.norm, x)))
 
 
 class ULite(nn.Module):
