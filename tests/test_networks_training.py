@@ -403,3 +403,33 @@ def test_batch_norm_falls_back_to_the_module():
     assert torch.allclose(batch_norm(untracked, x), untracked(x), atol=1e-5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         batch_norm(torch.nn.BatchNorm2d(8), torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
+
+
+def test_few_channel_batch_norm_keeps_metatensor_batches():
+    """A collated MONAI batch (a MetaTensor with per-item metadata, as the bundle's trainer feeds it) goes
+    through the few-channel path and the network like a plain tensor, keeping its metadata and its gradient."""
+    from monai.data import MetaTensor, list_data_collate
+
+    from ulite_monai.networks.axial import batch_norm
+
+    torch.manual_seed(0)
+    items = [{"image": MetaTensor(torch.randn(1, 16, 16, 16), meta={"filename_or_obj": f"case{i}.nii.gz"})}
+             for i in range(3)]
+    batch = list_data_collate(items)["image"]
+    assert isinstance(batch, MetaTensor) and batch.is_batch
+    bn = torch.nn.BatchNorm3d(8)
+    twin_bn = copy.deepcopy(bn)
+    x = torch.randn(3, 8, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    xm = MetaTensor(x.clone(), meta=batch.meta)
+    xm.is_batch = True
+    xm.requires_grad_(True)
+    y = batch_norm(bn, xm)
+    assert isinstance(y, MetaTensor) and y.is_batch and y.meta["filename_or_obj"] == batch.meta["filename_or_obj"]
+    assert torch.allclose(y.as_tensor(), twin_bn(x), atol=1e-5)
+    y.sum().backward()
+    assert xm.grad is not None and xm.grad.abs().max() < 1e-3  # d(sum of a batch-normalised tensor)/dx is ~0
+    net = ULite(3, 1, 2, features=(8, 16, 32)).train()
+    out = net(batch)
+    out.sum().backward()
+    assert isinstance(out, MetaTensor)
+    assert all(p.grad is not None for p in net.parameters())

@@ -511,11 +511,23 @@ def batch_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    rows = x.permute(0, *range(2, nd + 2), 1).reshape(m, c)  # a view: the memory of a channels-last tensor
+    # plain-tensor alias (still on the autograd graph): a MetaTensor batch would try to split its per-item
+    # metadata along the first dim of the (M, C) view
+    plain = x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
+    rows = plain.permute(0, *range(2, nd + 2), 1).reshape(m, c)  # a view: the memory of a channels-last tensor
     k = max(j for j in (1, 2, 4, 8, 16) if m % j == 0 and j * c <= 128)
     y, mean, var = _ChannelsLastBatchNorm.apply(rows, norm.weight, norm.bias, norm.eps, k)
     if norm.training and norm.running_mean is not None and norm.running_var is not None:
         with torch.no_grad():
             norm.running_mean.lerp_(mean, factor)
             norm.running_var.lerp_(var * (m / (m - 1)), factor)
-    return y.view(n, *x.shape[2:], c).permute(0, nd + 1, *range(1, nd + 1))
+    out = y.view(n, *x.shape[2:], c).permute(0, nd + 1, *range(1, nd + 1))
+    if plain is x:
+        return out
+    from monai.data import MetaTensor
+
+    if isinstance(x, MetaTensor):  # as nn.BatchNorm returns it: the input's metadata on the result
+        result = MetaTensor(out)
+        result.copy_meta_from(x)
+        return result
+    return out.as_subclass(type(x))
