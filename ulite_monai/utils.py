@@ -64,9 +64,6 @@ def save_json_atomically(obj, path: str | os.PathLike, indent: int | None = 2) -
     return save_atomically(write, path)
 
 
-_OFF = ("0", "false", "no", "off")
-
-
 def tune_cpu_allocator(trim_threshold_mb: int | None = None) -> bool:
     """Let glibc's malloc keep freed tensor memory for the next forward pass or training step (CPU speed).
 
@@ -104,7 +101,7 @@ def tune_cpu_allocator(trim_threshold_mb: int | None = None) -> bool:
     if "applied" in _ALLOCATOR_TUNED and (not _ALLOCATOR_TUNED["applied"] or wanted <= _ALLOCATOR_TUNED["threshold"]):
         return _ALLOCATOR_TUNED["applied"]
     applied = False
-    if os.environ.get("ULITE_TUNE_ALLOCATOR", "1").strip().lower() not in _OFF:
+    if os.environ.get("ULITE_TUNE_ALLOCATOR", "1").strip().lower() not in ("0", "false", "no", "off"):
         try:
             libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
         except (AttributeError, ValueError, OSError):

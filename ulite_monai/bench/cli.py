@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RESULT_SECTIONS = ("speed", "sliding_window", "training_step", "quality")
+# the benchmark.json section each mode writes
+MODE_SECTIONS = {"speed": "speed", "sw": "sliding_window", "train": "training_step", "quality": "quality"}
 
 
 def earlier_results(previous: dict, replaced: list[str]) -> dict:
@@ -124,7 +125,7 @@ def earlier_results(previous: dict, replaced: list[str]) -> dict:
     """
     runs = [dict(r) for r in previous.get("earlier_runs", [])]
     from_earlier = {k for r in runs for k in r.get("kept", [])}
-    own = [k for k in RESULT_SECTIONS if k in previous and k not in from_earlier]
+    own = [k for k in MODE_SECTIONS.values() if k in previous and k not in from_earlier]
     env = previous.get("environment") or {}
     runs.append({k: previous.get(k) for k in ("created_utc", "command", "load_average_start", "load_average_end")}
                 | {"machine": (env.get("cuda_device") or {}).get("gpu") or env.get("cpu"), "kept": own})
@@ -214,8 +215,7 @@ def main(argv=None) -> int:
         import json
 
         previous = json.loads((out / "benchmark.json").read_text())
-        keys = {"speed": "speed", "sw": "sliding_window", "train": "training_step", "quality": "quality"}
-        result.update(earlier_results(previous, [keys[m] for m in modes if m in keys]))
+        result.update(earlier_results(previous, [MODE_SECTIONS[m] for m in modes if m in MODE_SECTIONS]))
 
     def save() -> list[Path]:
         """Write what has been measured so far (after every mode, so an interrupted run keeps its results)."""

@@ -427,9 +427,9 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 # ------------------------------------------------------------------------------------------------ batch norm
 
 # PyTorch's CPU batch-norm kernels for channels-last tensors vectorise over the channels; with fewer channels than
-# a vector holds (U-Lite's full-resolution stages have 8 in the bundle) the training backward ran 3 to 6 times
-# slower than in NCHW (4x8x96^3: 330 ms forward + backward against 200 ms below; 4x8x48^3: 31-48 ms against
-# 20 ms), while from 16 channels on it is the fastest form. See ``batch_norm``.
+# a vector holds (U-Lite's full-resolution stages have 8 in the bundle) the training backward ran 3 to 4 times
+# slower than in NCHW (forward + backward, 2-core Intel Xeon: 4x8x96^3 307-340 ms, 94-110 ms in NCHW, 91 ms
+# below; 4x8x48^3 37-41 ms, 9-13 ms below), while from 16 channels on it is the fastest form. See ``batch_norm``.
 _FEW_CHANNELS = 16
 
 
