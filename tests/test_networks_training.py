@@ -287,17 +287,32 @@ def test_upsample_add(fmt):
 
 
 @pytest.mark.parametrize("c_in", [1, 2])
-def test_conv3d_by_planes_matches_conv3d(c_in):
+@pytest.mark.parametrize("depth_block", [None, 1, 2, 4, 7])
+def test_conv3d_by_planes_matches_conv3d(c_in, depth_block):
+    # depth 6: blocks of 4 and 7 run past the input's depth and are cropped; None picks 4 for 3 output channels
     x = torch.randn(2, c_in, 6, 7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, c_in, 5, 3, 7, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     ref = F.conv3d(x, w, b, padding=(2, 1, 3))
-    out = conv3d_by_planes(x, w, b)
+    out = conv3d_by_planes(x, w, b, depth_block=depth_block)
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.allclose(out, ref, atol=1e-12)
     g = torch.randn_like(ref)
     for a, b_ in zip(torch.autograd.grad(ref, (x, w, b), g), torch.autograd.grad(out, (x, w, b), g)):
         assert torch.allclose(a, b_, atol=1e-11)
+
+
+def test_conv3d_by_planes_depth_blocks():
+    from ulite_monai.networks.axial import _depth_block
+
+    assert [_depth_block(o, "cpu") for o in (1, 3, 4, 8, 16, 32)] == [4, 4, 4, 2, 1, 1]
+    assert _depth_block(8, "cuda") == 1
+    x = torch.randn(1, 1, 4, 5, 5, dtype=torch.float64)
+    w = torch.randn(8, 1, 3, 3, 3, dtype=torch.float64)
+    ref = F.conv3d(x, w, None, padding=1)
+    assert torch.allclose(conv3d_by_planes(x, w, None), ref, atol=1e-12)  # no bias, default block (2)
+    with pytest.raises(ValueError, match="depth_block"):
+        conv3d_by_planes(x, w, None, depth_block=0)
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last_3d])

@@ -237,8 +237,10 @@ class _MergedAxial(torch.autograd.Function):
             else:
                 n, _, d, h, w = xc.shape
                 gp, xp = to_planes(g), to_planes(xc)
-            if need[0]:  # input gradient through the dense in-plane kernel (identity included)
-                gx = _dw_backward(gp, xp, plane, [r, r], [1, 1], [True, False, False])[0]
+            # input gradients as forward convolutions with the flipped kernels (stride 1, odd kernels, symmetric
+            # padding): oneDNN's depthwise input-gradient kernel took 1.5 to 2x as long on 8-channel 3D batches
+            if need[0]:  # through the dense in-plane kernel (identity included)
+                gx = F.conv2d(gp, plane.flip(-2, -1), None, padding=r, groups=gp.shape[1])
                 if nd == 3:
                     gx = from_planes(gx, n, d)
             want_b = ctx.has_bias and need[1]
@@ -257,11 +259,11 @@ class _MergedAxial(torch.autograd.Function):
             if nd == 3 and (need[0] or need[3]):  # through-plane taps, on the (N, C, D, H*W) view
                 gc, xcol = to_columns(g), to_columns(xc)
                 w2, pad, dl = _axis_conv_2d(wc[0], 0, ctx.dilations[0])
-                g_in, g_w, _ = _dw_backward(gc, xcol, w2, pad, dl, [need[0], need[3], False])
                 if need[0]:
+                    g_in = F.conv2d(gc, w2.flip(-2), None, padding=pad, dilation=dl, groups=gc.shape[1])
                     gx = gx + from_columns(g_in, h, w)
                 if need[3]:
-                    gw[0] = g_w
+                    gw[0] = _dw_backward(gc, xcol, w2, pad, dl, [False, True, False])[1]
         if gx is not None:
             gx = gx.to(x_dtype)
         grads_w = [None if gw[a] is None else gw[a].reshape(wc[a].shape).to(w_dtypes[a]) for a in range(nd)]
@@ -322,52 +324,95 @@ def axial_views(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequen
 # ------------------------------------------------------------------------------------------------ other layers
 
 
-def conv3d_by_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _depth_block(out_channels: int, device_type: str) -> int:
+    """How many output depths :func:`conv3d_by_planes` computes per plane by default: on the CPU enough to give the
+    2D convolution 16 output channels (at most 4), else 1."""
+    if device_type != "cpu" or out_channels >= 16:
+        return 1
+    return max(1, min(4, 16 // out_channels))
+
+
+def conv3d_by_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     depth_block: int | None = None) -> torch.Tensor:
     """A stride-1, "same"-padded, ungrouped 3D convolution computed as a 2D convolution over depth windows.
 
-    The ``K_d`` depth-shifted copies of the input become channels of a ``(N*D, K_d*C_in, H, W)`` channels-last
-    batch and the kernel becomes ``(C_out, K_d*C_in, K_h, K_w)``: the same sums, in the 2D convolution kernels
-    that oneDNN and cuDNN run well (a 3D kernel with one input channel makes oneDNN's weight gradient slow).
-    Meant for small ``C_in`` (the stem): the copies take ``K_d`` times the input's memory.
+    Depth-shifted copies of the input become channels of a ``(N*D/r, (K_d+r-1)*C_in, H, W)`` channels-last batch
+    and the kernel becomes ``(r*C_out, (K_d+r-1)*C_in, K_h, K_w)``, holding the 3D kernel ``r`` times at
+    successive depth offsets (zeros elsewhere), so that each plane gives the outputs of ``r`` successive depths:
+    the same sums, in the 2D convolution kernels that oneDNN and cuDNN run well (a 3D kernel with one input
+    channel makes oneDNN's weight gradient slow). ``r > 1`` computes ``(K_d+r-1)/K_d`` times the products but
+    gives the 2D convolution ``r`` times the output channels: oneDNN's CPU convolutions vectorise over the output
+    channels, and with U-Lite's 8-channel stem ``r = 2`` (16 channels) took a 4x1x48^3 forward + backward
+    from 48 to 30 ms and a 4x1x96^3 one from 443 to 314 ms (2-core Intel Xeon).
+    Meant for small ``C_in`` (the stem): the copies take ``(K_d+r-1)/r`` times the input's memory.
+
+    Args:
+        x: ``(N, C_in, D, H, W)`` input.
+        weight: ``(C_out, C_in, K_d, K_h, K_w)`` kernel.
+        bias: ``(C_out,)`` bias or None.
+        depth_block: ``r``, the output depths per plane; None: 16 output channels' worth on the CPU (at most 4),
+            1 elsewhere.
+
     Returns a ``channels_last_3d`` ``(N, C_out, D, H, W)`` tensor.
     """
     n, c, d, h, w = x.shape
     o, _, kd, kh, kw = weight.shape
+    r = _depth_block(o, x.device.type) if depth_block is None else int(depth_block)
+    if r < 1:
+        raise ValueError(f"depth_block must be >= 1, got {depth_block}.")
+    blocks = -(-d // r)  # planes per item; the last block may run past the input's depth (cropped below)
     pd = (kd - 1) // 2
-    padded = F.pad(x, (0, 0, 0, 0, pd, kd - 1 - pd))
-    # channel j * C + c of the windows holds input channel c shifted by depth offset j
-    windows = torch.cat([padded[:, :, j : j + d] for j in range(kd)], dim=1)
+    padded = F.pad(x, (0, 0, 0, 0, pd, blocks * r - d + kd - 1 - pd))
+    # channel j * C_in + c of plane i holds input channel c at depth r * i + j - pd
+    windows = torch.cat([padded[:, :, j : j + r * blocks : r] for j in range(kd + r - 1)], dim=1)
     planes = to_planes(windows.contiguous(memory_format=torch.channels_last_3d))
     w2 = weight.permute(0, 2, 1, 3, 4).reshape(o, kd * c, kh, kw)
+    if r > 1:  # output channel q * C_out + o: depth r * i + q, the kernel shifted by q depth offsets
+        w2 = torch.cat([F.pad(w2, (0, 0, 0, 0, q * c, (r - 1 - q) * c)) for q in range(r)], dim=0)
+        bias = None if bias is None else bias.repeat(r)
     y = F.conv2d(planes, w2, bias, padding=((kh - 1) // 2, (kw - 1) // 2))
-    return from_planes(y.contiguous(memory_format=torch.channels_last), n, d)
+    if r == 1:
+        return from_planes(y.contiguous(memory_format=torch.channels_last), n, d)
+    y = y.permute(0, 2, 3, 1).reshape(n, blocks, h, w, r, o).permute(0, 1, 4, 2, 3, 5).reshape(n, blocks * r, h, w, o)
+    y = y.permute(0, 4, 1, 2, 3)
+    if blocks * r != d:
+        y = y[:, :, :d]
+    return y.contiguous(memory_format=torch.channels_last_3d)
 
 
-def _pair_views(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """Views of ``low`` and ``high`` in which each spatial dim of ``high`` is split into ``(size // 2, 2)`` and
-    ``low`` has a broadcast dim of 1 there, channels innermost when both are stored channels-last.
+def _pair_views(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], int]:
+    """Views for ``nearest_upsample_x2(low) + high`` by broadcasting, in the memory order of the inputs (channels
+    innermost when both are stored channels-last).
 
-    Returns the two views, the axes of the pairs, and the memory order (a permutation of ``high``'s dims) the
-    views follow.
+    ``low`` is first repeated along the innermost spatial dim (a copy of half the output's size in 2D, a quarter
+    in 3D), so that the broadcast addition runs over rows of ``W * C`` values: broadcasting the innermost spatial
+    pair too leaves rows of ``C`` values, 3 times slower in 3D with U-Lite's 8 full-resolution channels. Every
+    other spatial dim of ``high`` is split into ``(size // 2, 2)`` and the repeated ``low`` has a broadcast dim of
+    1 there.
+
+    Returns the two views, the axes of the split pairs, the memory order (a permutation of ``high``'s dims) the
+    views follow, and the position of the innermost spatial dim in that order.
     """
     nd = high.dim() - 2
     channels_inner = low.stride(1) == 1 and high.stride(1) == 1 and nd in (2, 3)
     order = [0] + list(range(2, nd + 2)) + [1] if channels_inner else list(range(nd + 2))
-    hi = high.permute(order)
+    last = order.index(nd + 1)  # the innermost spatial dim, repeated in low rather than broadcast
     lo = low.permute(order)
+    lo = lo.unsqueeze(last + 1).expand(*lo.shape[: last + 1], 2, *lo.shape[last + 1 :])
+    lo = lo.reshape(*lo.shape[:last], 2 * lo.shape[last], *lo.shape[last + 2 :])
     shape_hi: list[int] = []
     shape_lo: list[int] = []
     pairs: list[int] = []
     for dim in order:
         size = high.shape[dim]
-        if dim >= 2:
+        if 2 <= dim < nd + 1:
             pairs.append(len(shape_hi) + 1)
             shape_hi += [size // 2, 2]
             shape_lo += [size // 2, 1]
         else:
             shape_hi.append(size)
             shape_lo.append(size)
-    return lo.reshape(shape_lo), hi.reshape(shape_hi), pairs, order
+    return lo.reshape(shape_lo), high.permute(order).reshape(shape_hi), pairs, order, last
 
 
 class _UpsampleAdd(torch.autograd.Function):
@@ -376,10 +421,10 @@ class _UpsampleAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, low, high):  # noqa: D102 - see class doc
-        lo, hi, pairs, order = _pair_views(low, high)
+        lo, hi, pairs, order, last = _pair_views(low, high)
         out = (hi + lo).reshape([high.shape[d] for d in order])
         inverse = [order.index(d) for d in range(len(order))]
-        ctx.pairs, ctx.order, ctx.inverse = pairs, order, inverse
+        ctx.pairs, ctx.order, ctx.inverse, ctx.last = pairs, order, inverse, last
         ctx.dtypes = (low.dtype, high.dtype)
         ctx.shape = tuple(high.shape)
         return out.permute(inverse)
@@ -388,14 +433,18 @@ class _UpsampleAdd(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102 - see class doc
         low_dtype, high_dtype = ctx.dtypes
+        nd = len(ctx.shape) - 2
         g = grad.permute(ctx.order)
         shape: list[int] = []
-        for i, dim in enumerate(ctx.order):
+        for dim in ctx.order:
             size = ctx.shape[dim]
-            shape += [size // 2, 2] if dim >= 2 else [size]
+            shape += [size // 2, 2] if 2 <= dim < nd + 1 else [size]
         g = g.reshape(shape)
-        for axis in reversed(ctx.pairs):
+        for axis in reversed(ctx.pairs):  # the outer pairs first, over rows that hold the innermost spatial dim
             g = g.select(axis, 0) + g.select(axis, 1)
+        last = ctx.last
+        g = g.reshape(*g.shape[:last], g.shape[last] // 2, 2, *g.shape[last + 1 :])
+        g = g.select(last + 1, 0) + g.select(last + 1, 1)
         return g.permute(ctx.inverse).to(low_dtype), grad.to(high_dtype)
 
 
