@@ -448,3 +448,17 @@ def test_few_channel_batch_norm_keeps_metatensor_batches():
     out.sum().backward()
     assert isinstance(out, MetaTensor)
     assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("channels,width,factor", [(8, 10, 2), (4, 12, 4), (4, 10, 2), (8, 9, 1), (16, 8, 1), (3, 8, 4)])
+def test_paired_views_keep_kx1_depthwise_convs(channels, width, factor):
+    from ulite_monai.networks.axial import _paired
+
+    x = torch.randn(2, channels, 6, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    v, f = _paired(x)
+    assert f == factor and v.shape == (2, channels * f, 6, width // f)
+    assert v.data_ptr() == x.data_ptr()  # a view, no copy
+    w = torch.randn(channels, 1, 5, 1, dtype=torch.float64)
+    y = F.conv2d(x, w, None, padding=(2, 0), groups=channels)
+    yv = F.conv2d(v, w.repeat(f, 1, 1, 1), None, padding=(2, 0), groups=channels * f)
+    assert torch.allclose(_paired(y.contiguous(memory_format=torch.channels_last))[0], yv, atol=1e-12)

@@ -192,6 +192,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b * h, w, 1, c).permute(0, 3, 1, 2)
 
 
+def _paired(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(B, C, H, W)`` channels-last -> ``(B, f*C, H, W/f)``, a view of the same memory in which ``f`` neighbours
+    along W are channels, with ``f`` the largest of 1, 2, 4 that keeps ``f*C <= 16`` and divides W. A ``Kx1``
+    depthwise kernel repeated ``f`` times computes on this view what it computes on ``x``; oneDNN's weight
+    gradient vectorises over the channels and took half the time on the 16-channel view of an 8-channel
+    4x8x96^3 batch's planes and columns."""
+    b, c, h, w = x.shape
+    f = 1
+    while f < 4 and 2 * f * c <= 16 and w % (2 * f) == 0:
+        f *= 2
+    if f == 1:
+        return x, 1
+    return x.permute(0, 2, 3, 1).reshape(b, h, w // f, f * c).permute(0, 3, 1, 2), f
+
+
 def _dw_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding: list[int], dilation: list[int],
                  mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _conv_backward(g, x, w, [x.shape[1]], [1, 1], padding, dilation, False, [0, 0], x.shape[1], mask)
@@ -248,14 +263,16 @@ class _MergedAxial(torch.autograd.Function):
                 b_here = want_b and axis == nd - 2  # the bias gradient comes with the first one
                 if need[3 + axis] or b_here:
                     w2, pad, dl = _axis_conv_2d(wc[axis], axis, ctx.dilations[axis])
-                    gv, xv = gp, xp
+                    f = 1
                     if axis == nd - 1:  # along W: a Kx1 kernel on the (B*H, C, W, 1) view, the faster shape
                         gv, xv = _rows(gp), _rows(xp)
                         w2, pad, dl = w2.reshape(w2.shape[0], 1, -1, 1), pad[::-1], dl[::-1]
-                    _, g_w, g_b = _dw_backward(gv, xv, w2, pad, dl, [False, need[3 + axis], b_here])
-                    gw[axis] = g_w
+                    else:  # along H: few channels as more channels of a view with fewer columns
+                        (gv, f), (xv, _) = _paired(gp), _paired(xp)
+                    _, g_w, g_b = _dw_backward(gv, xv, w2.repeat(f, 1, 1, 1), pad, dl, [False, need[3 + axis], b_here])
+                    gw[axis] = None if g_w is None else g_w.unflatten(0, (f, -1)).sum(0)
                     if b_here:
-                        gb = g_b.to(b_dtype)
+                        gb = g_b.unflatten(0, (f, -1)).sum(0).to(b_dtype)
             if nd == 3 and (need[0] or need[3]):  # through-plane taps, on the (N, C, D, H*W) view
                 gc, xcol = to_columns(g), to_columns(xc)
                 w2, pad, dl = _axis_conv_2d(wc[0], 0, ctx.dilations[0])
@@ -263,7 +280,9 @@ class _MergedAxial(torch.autograd.Function):
                     g_in = F.conv2d(gc, w2.flip(-2), None, padding=pad, dilation=dl, groups=gc.shape[1])
                     gx = gx + from_columns(g_in, h, w)
                 if need[3]:
-                    gw[0] = _dw_backward(gc, xcol, w2, pad, dl, [False, True, False])[1]
+                    (gv, f), (xv, _) = _paired(gc), _paired(xcol)
+                    gw[0] = _dw_backward(gv, xv, w2.repeat(f, 1, 1, 1), pad, dl, [False, True, False])[1]
+                    gw[0] = gw[0].unflatten(0, (f, -1)).sum(0)
         if gx is not None:
             gx = gx.to(x_dtype)
         grads_w = [None if gw[a] is None else gw[a].reshape(wc[a].shape).to(w_dtypes[a]) for a in range(nd)]
