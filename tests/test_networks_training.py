@@ -284,6 +284,11 @@ def test_upsample_add(fmt):
     assert torch.autograd.gradcheck(upsample_add, (lo, hi), fast_mode=True)
     with pytest.raises(ValueError, match="twice"):
         upsample_add(hi, hi)
+    # the other devices' form (every pair broadcast, nothing repeated), here on the CPU
+    from ulite_monai.networks.axial import _UpsampleAdd
+
+    assert torch.equal(_UpsampleAdd.apply(lo, hi, False), out)
+    assert torch.autograd.gradcheck(lambda a, b: _UpsampleAdd.apply(a, b, False), (lo, hi), fast_mode=True)
 
 
 @pytest.mark.parametrize("c_in", [1, 2])

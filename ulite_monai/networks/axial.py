@@ -399,32 +399,35 @@ def conv3d_by_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.contiguous(memory_format=torch.channels_last_3d)
 
 
-def _pair_views(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], int]:
+def _pair_views(low: torch.Tensor, high: torch.Tensor, repeat_last: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], int | None]:
     """Views for ``nearest_upsample_x2(low) + high`` by broadcasting, in the memory order of the inputs (channels
     innermost when both are stored channels-last).
 
-    ``low`` is first repeated along the innermost spatial dim (a copy of half the output's size in 2D, a quarter
-    in 3D), so that the broadcast addition runs over rows of ``W * C`` values: broadcasting the innermost spatial
-    pair too leaves rows of ``C`` values, 3 times slower in 3D with U-Lite's 8 full-resolution channels. Every
-    other spatial dim of ``high`` is split into ``(size // 2, 2)`` and the repeated ``low`` has a broadcast dim of
-    1 there.
+    Each spatial dim of ``high`` is split into ``(size // 2, 2)`` and ``low`` has a broadcast dim of 1 there. With
+    ``repeat_last`` (:func:`upsample_add` sets it on the CPU) the innermost spatial dim is the exception: ``low`` is first repeated along it (a copy of half the
+    output's size in 2D, a quarter in 3D), so that the addition runs over rows of ``W * C`` values; broadcasting
+    that pair too leaves rows of ``C`` values, 3 times slower in 3D with U-Lite's 8 full-resolution channels
+    (2-core Intel Xeon, 4x8x48^3 -> 96^3 forward + backward: 104 ms broadcast, 63 ms repeated).
 
     Returns the two views, the axes of the split pairs, the memory order (a permutation of ``high``'s dims) the
-    views follow, and the position of the innermost spatial dim in that order.
+    views follow, and the position in that order of the repeated innermost spatial dim (None when not repeated).
     """
     nd = high.dim() - 2
     channels_inner = low.stride(1) == 1 and high.stride(1) == 1 and nd in (2, 3)
     order = [0] + list(range(2, nd + 2)) + [1] if channels_inner else list(range(nd + 2))
-    last = order.index(nd + 1)  # the innermost spatial dim, repeated in low rather than broadcast
     lo = low.permute(order)
-    lo = lo.unsqueeze(last + 1).expand(*lo.shape[: last + 1], 2, *lo.shape[last + 1 :])
-    lo = lo.reshape(*lo.shape[:last], 2 * lo.shape[last], *lo.shape[last + 2 :])
+    last = None
+    if repeat_last:
+        last = order.index(nd + 1)
+        lo = lo.unsqueeze(last + 1).expand(*lo.shape[: last + 1], 2, *lo.shape[last + 1 :])
+        lo = lo.reshape(*lo.shape[:last], 2 * lo.shape[last], *lo.shape[last + 2 :])
     shape_hi: list[int] = []
     shape_lo: list[int] = []
     pairs: list[int] = []
     for dim in order:
         size = high.shape[dim]
-        if 2 <= dim < nd + 1:
+        if dim >= 2 and (last is None or dim != nd + 1):
             pairs.append(len(shape_hi) + 1)
             shape_hi += [size // 2, 2]
             shape_lo += [size // 2, 1]
@@ -439,8 +442,8 @@ class _UpsampleAdd(torch.autograd.Function):
     block with slice additions (autograd's reduction over the broadcast dims is many times slower on CPU)."""
 
     @staticmethod
-    def forward(ctx, low, high):  # noqa: D102 - see class doc
-        lo, hi, pairs, order, last = _pair_views(low, high)
+    def forward(ctx, low, high, repeat_last):  # noqa: D102 - see class doc
+        lo, hi, pairs, order, last = _pair_views(low, high, repeat_last)
         out = (hi + lo).reshape([high.shape[d] for d in order])
         inverse = [order.index(d) for d in range(len(order))]
         ctx.pairs, ctx.order, ctx.inverse, ctx.last = pairs, order, inverse, last
@@ -453,18 +456,19 @@ class _UpsampleAdd(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102 - see class doc
         low_dtype, high_dtype = ctx.dtypes
         nd = len(ctx.shape) - 2
+        last = ctx.last
         g = grad.permute(ctx.order)
         shape: list[int] = []
         for dim in ctx.order:
             size = ctx.shape[dim]
-            shape += [size // 2, 2] if 2 <= dim < nd + 1 else [size]
+            shape += [size // 2, 2] if dim >= 2 and (last is None or dim != nd + 1) else [size]
         g = g.reshape(shape)
-        for axis in reversed(ctx.pairs):  # the outer pairs first, over rows that hold the innermost spatial dim
+        for axis in reversed(ctx.pairs):  # the outer pairs first (on the CPU over rows that hold the innermost dim)
             g = g.select(axis, 0) + g.select(axis, 1)
-        last = ctx.last
-        g = g.reshape(*g.shape[:last], g.shape[last] // 2, 2, *g.shape[last + 1 :])
-        g = g.select(last + 1, 0) + g.select(last + 1, 1)
-        return g.permute(ctx.inverse).to(low_dtype), grad.to(high_dtype)
+        if last is not None:
+            g = g.reshape(*g.shape[:last], g.shape[last] // 2, 2, *g.shape[last + 1 :])
+            g = g.select(last + 1, 0) + g.select(last + 1, 1)
+        return g.permute(ctx.inverse).to(low_dtype), grad.to(high_dtype), None
 
 
 def upsample_add(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -475,7 +479,7 @@ def upsample_add(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         if 2 * a != b:
             raise ValueError(f"upsample_add needs high's spatial sizes twice low's, got {tuple(low.shape)} and "
                              f"{tuple(high.shape)}.")
-    return _UpsampleAdd.apply(low, high)
+    return _UpsampleAdd.apply(low, high, low.device.type == "cpu")
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
