@@ -110,7 +110,7 @@ net = ULite(3, 1, 2, features=(8, 16, 32, 64, 128))  # the 3D bundle's widths
 opt = torch.optim.AdamW(net.parameters(), 1e-3)
 x = torch.randn(2, 1, 64, 64, 64)
 faults = []
-for _ in range(8):  # training steps whose working set (~1 GB) is freed at the end of each step
+for _ in range(12):  # training steps whose working set (~1 GB) is freed at the end of each step
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     opt.zero_grad()
     net(x).square().mean().backward()
@@ -118,7 +118,7 @@ for _ in range(8):  # training steps whose working set (~1 GB) is freed at the e
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
 print(json.dumps({"faults": faults, "settings": allocator_settings(), "peak_mb": peak_mb,
-                  "steady": statistics.median(faults[-4:])}))
+                  "steady": statistics.median(faults[-6:])}))
 """
 
 
@@ -141,7 +141,9 @@ def test_large_working_sets_are_kept_for_the_next_pass():
     assert "never trim" in kept["settings"]
     assert "8 MiB" in bounded["settings"]
     assert kept["faults"][0] > 20_000  # the first step faults its working set in, whatever the setting
-    assert kept["steady"] < 1_000  # later steps reuse the memory the process kept
+    # later steps reuse the memory the process kept (the heap can still grow by a few MiB in one of the first
+    # steps after the second, while freed blocks settle into a layout that fits every step)
+    assert kept["steady"] < 1_000
     assert bounded["steady"] > 10_000  # bounded below the working set, each step hands it back and faults it in
     assert kept["peak_mb"] < 1.25 * bounded["peak_mb"]  # keeping freed memory does not raise the peak
 
