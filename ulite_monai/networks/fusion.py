@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ulite_monai.networks.axial import _depth_block, conv3d_by_planes
 from ulite_monai.networks.ulite import AxialDWConv, ULite
 from ulite_monai.networks.utils import check_input, crop_to, pad_to_divisible
 
@@ -502,6 +503,33 @@ class FusedULite(nn.Module):
             raise RuntimeError("FusedULite is for inference only; train the original ULite instead.")
         return super().train(False)
 
+    @torch.jit.unused
+    def _stem_by_planes(self, x: torch.Tensor) -> bool:
+        """Whether the 3D stem runs through :func:`~ulite_monai.networks.axial.conv3d_by_planes` with several output
+        depths per plane: on the CPU, for stems of fewer than 16 channels (the bundle's 8), in eager mode (traced
+        and scripted graphs, e.g. the ONNX export, keep the plain convolution)."""
+        conv = self.conv_in
+        return (
+            self.spatial_dims == 3
+            and self.channels_last
+            and x.device.type == "cpu"
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and isinstance(conv, nn.Conv3d)
+            and conv.groups == 1
+            and all(s == 1 for s in conv.stride)
+            and all(d == 1 for d in conv.dilation)
+            and list(conv.padding) == [(k - 1) // 2 for k in conv.kernel_size]
+            and all(k % 2 == 1 for k in conv.kernel_size)
+            and _depth_block(conv.out_channels, "cpu") > 1
+        )
+
+    @torch.jit.unused
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stem_by_planes(x):
+            return conv3d_by_planes(x, self.conv_in.weight, self.conv_in.bias)
+        return self.conv_in(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spatial_dims, self.in_channels)
         x, crop = pad_to_divisible(x, self.divisor, self.pad_mode)
@@ -510,7 +538,10 @@ class FusedULite(nn.Module):
                 x = x.contiguous(memory_format=torch.channels_last)
             else:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-        x = self.conv_in(x)
+        if not torch.jit.is_scripting():
+            x = self._stem(x)
+        else:
+            x = self.conv_in(x)
         skips: list[torch.Tensor] = []
         for enc in self.encoders:
             x, skip = enc(x)
