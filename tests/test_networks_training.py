@@ -455,7 +455,8 @@ def test_few_channel_batch_norm_keeps_metatensor_batches():
     assert all(p.grad is not None for p in net.parameters())
 
 
-@pytest.mark.parametrize("channels,width,factor", [(8, 10, 2), (4, 12, 4), (4, 10, 2), (8, 9, 1), (16, 8, 1), (3, 8, 4)])
+@pytest.mark.parametrize("channels,width,factor",
+                         [(8, 10, 2), (4, 12, 4), (4, 10, 2), (8, 9, 1), (16, 8, 1), (3, 8, 4)])
 def test_paired_views_keep_kx1_depthwise_convs(channels, width, factor):
     from ulite_monai.networks.axial import _paired
 

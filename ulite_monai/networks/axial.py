@@ -405,10 +405,11 @@ def _pair_views(low: torch.Tensor, high: torch.Tensor, repeat_last: bool
     innermost when both are stored channels-last).
 
     Each spatial dim of ``high`` is split into ``(size // 2, 2)`` and ``low`` has a broadcast dim of 1 there. With
-    ``repeat_last`` (:func:`upsample_add` sets it on the CPU) the innermost spatial dim is the exception: ``low`` is first repeated along it (a copy of half the
-    output's size in 2D, a quarter in 3D), so that the addition runs over rows of ``W * C`` values; broadcasting
-    that pair too leaves rows of ``C`` values, 3 times slower in 3D with U-Lite's 8 full-resolution channels
-    (2-core Intel Xeon, 4x8x48^3 -> 96^3 forward + backward: 104 ms broadcast, 63 ms repeated).
+    ``repeat_last`` (:func:`upsample_add` sets it on the CPU) the innermost spatial dim is the exception: ``low``
+    is first repeated along it (a copy of half the output's size in 2D, a quarter in 3D), so that the addition
+    runs over rows of ``W * C`` values; broadcasting that pair too leaves rows of ``C`` values, 3 times slower in
+    3D with U-Lite's 8 full-resolution channels (2-core Intel Xeon, 4x8x48^3 -> 96^3 forward + backward: 104 ms
+    broadcast, 63 ms repeated).
 
     Returns the two views, the axes of the split pairs, the memory order (a permutation of ``high``'s dims) the
     views follow, and the position in that order of the repeated innermost spatial dim (None when not repeated).
