@@ -281,8 +281,8 @@ class _MergedAxial(torch.autograd.Function):
                     gx = gx + from_columns(g_in, h, w)
                 if need[3]:
                     (gv, f), (xv, _) = _paired(gc), _paired(xcol)
-                    gw[0] = _dw_backward(gv, xv, w2.repeat(f, 1, 1, 1), pad, dl, [False, True, False])[1]
-                    gw[0] = gw[0].unflatten(0, (f, -1)).sum(0)
+                    g_w = _dw_backward(gv, xv, w2.repeat(f, 1, 1, 1), pad, dl, [False, True, False])[1]
+                    gw[0] = g_w.unflatten(0, (f, -1)).sum(0)
         if gx is not None:
             gx = gx.to(x_dtype)
         grads_w = [None if gw[a] is None else gw[a].reshape(wc[a].shape).to(w_dtypes[a]) for a in range(nd)]

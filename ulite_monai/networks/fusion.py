@@ -488,6 +488,10 @@ class FusedULite(nn.Module):
             )
             self.bottleneck = FusedBottleneck(net.bottleneck, merge_axial)
             self.conv_out = PointwiseConv(net.conv_out) if max(net.conv_out.kernel_size) == 1 else copy.deepcopy(net.conv_out)
+        # ULite's stem is a stride-1, "same"-padded conv: what conv3d_by_planes computes
+        self.stem_depth_blocks = (
+            self.spatial_dims == 3 and self.channels_last and _depth_block(self.conv_in.out_channels, "cpu") > 1
+        )
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -506,22 +510,13 @@ class FusedULite(nn.Module):
     @torch.jit.unused
     def _stem_by_planes(self, x: torch.Tensor) -> bool:
         """Whether the 3D stem runs through :func:`~ulite_monai.networks.axial.conv3d_by_planes` with several output
-        depths per plane: on the CPU, for stems of fewer than 16 channels (the bundle's 8), in eager mode (traced
-        and scripted graphs, e.g. the ONNX export, keep the plain convolution)."""
-        conv = self.conv_in
+        depths per plane: channels-last 3D stems of fewer than 16 channels (the bundle's 8) on the CPU, in eager
+        mode (traced and compiled graphs, e.g. the ONNX export, and scripted ones keep the plain convolution)."""
         return (
-            self.spatial_dims == 3
-            and self.channels_last
+            self.stem_depth_blocks
             and x.device.type == "cpu"
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
-            and isinstance(conv, nn.Conv3d)
-            and conv.groups == 1
-            and all(s == 1 for s in conv.stride)
-            and all(d == 1 for d in conv.dilation)
-            and list(conv.padding) == [(k - 1) // 2 for k in conv.kernel_size]
-            and all(k % 2 == 1 for k in conv.kernel_size)
-            and _depth_block(conv.out_channels, "cpu") > 1
         )
 
     @torch.jit.unused
