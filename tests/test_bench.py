@@ -79,6 +79,40 @@ def test_bundle_inferer_settings_without_bundle_or_for_2d_fail_clearly(tmp_path)
         bundle_inferer_settings(Bundle(BUNDLE, overrides={"spatial_dims": 2}))
 
 
+def test_cpu_sliding_window_rounds_interleave_models_and_report_medians(monkeypatch):
+    from ulite_monai.bench import sliding
+
+    calls = []
+    times = {"ulite-fused": [3.0, 1.0, 2.0, 9.0, 5.0, 7.0], "monai-unet": [4.0, 6.0, 5.0, 8.0]}
+
+    def fake_child(args, timeout_s, max_rss_mb):
+        model, roi = args[args.index("--model") + 1], args[args.index("--roi") + 1]
+        calls.append((model, roi))
+        if model == "monai-unet" and roi == 96 and len([c for c in calls if c == (model, roi)]) == 2:
+            return {"status": "skipped", "reason": "passed the cap"}  # fails in round 2: not retried in round 3
+        return {"status": "ok", "call_s": times[model].pop(0), "peak_rss_mb": 100.0 + len(calls),
+                "base_rss_mb": 50.0, "params": 1}
+
+    monkeypatch.setattr(sliding.measure, "run_child", fake_child)
+    settings = [{"roi_size": [r] * 3, "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"} for r in (64, 96)]
+    out = sliding.run_sliding_window(["ulite-fused", "monai-unet"], volume=(8, 8, 8), settings=settings,
+                                     log=lambda m: None, repeats=3)
+    # each round: setting by setting, the models of a setting in turn
+    assert calls[:4] == [("ulite-fused", 64), ("monai-unet", 64), ("ulite-fused", 96), ("monai-unet", 96)]
+    assert calls.count(("monai-unet", 96)) == 2 and calls.count(("ulite-fused", 96)) == 3 and len(calls) == 11
+    runs = {(r["model"], r["roi"][0]): r for r in out["runs"]}
+    assert [(r["model"], r["roi"][0]) for r in out["runs"]] == [
+        ("ulite-fused", 64), ("ulite-fused", 96), ("monai-unet", 64), ("monai-unet", 96)]
+    assert runs[("ulite-fused", 64)]["wall_s_runs"] == [3.0, 2.0, 5.0] and runs[("ulite-fused", 64)]["wall_s"] == 3.0
+    assert runs[("ulite-fused", 96)]["wall_s"] == 7.0  # median of 1, 9, 7
+    assert runs[("ulite-fused", 64)]["peak_rss_mb"] == 100.0 + 9  # the highest of its passes (the 9th call)
+    failed = runs[("monai-unet", 96)]
+    assert failed["status"] == "skipped" and "wall_s" not in failed and "round 2" in failed["note"]
+    assert out["best"]["MONAI UNet"]["wall_s"] == 5.0 and out["best"]["U-Lite fused"]["wall_s"] == 3.0
+    md = "\n".join(report._sw_table(out))
+    assert "3 rounds over the settings" in md and "| 3.0 |" in md
+
+
 def test_unknown_model_is_an_error(capsys):
     assert cli.main(["--models", "no-such-net", "--out", "unused"]) == 2
     assert "no-such-net" in capsys.readouterr().err

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sw-overlap", type=float, nargs="*", default=None, help="overlaps to sweep (default 0.25 0.5)")
     g.add_argument("--sw-grid", action="store_true", help="sweep the full grid instead of one setting at a time")
     g.add_argument("--sw-no-sweep", action="store_true", help="measure the bundle's settings only")
-    g.add_argument("--sw-repeats", type=int, default=3, help="timed passes per setting on CUDA (median reported)")
+    g.add_argument("--sw-repeats", type=int, default=3,
+                   help="timed passes per setting, median reported (CPU: rounds of fresh processes, the models of a "
+                        "setting in turn in each round; --quick: 1)")
     g = p.add_argument_group("training step (train)")
     g.add_argument("--train-models", nargs="+", default=["ulite", "monai-unet"], choices=list(TRAIN_MODELS),
                    help="-cl: network and input channels-last; -compile: torch.compile")
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
         result["sliding_window"] = run_sliding_window(
             args.sw_models, volume=args.sw_volume or ((64, 64, 32) if q else (512, 512, 128)),
             settings=settings, settings_source=source, max_model_s=args.max_model_s,
-            max_rss_gb=args.max_rss_gb, log=log, device=dev, amp=amp, repeats=args.sw_repeats)
+            max_rss_gb=args.max_rss_gb, log=log, device=dev, amp=amp, repeats=1 if q else args.sw_repeats)
         save()
     if "quality" in modes:
         from ulite_monai.bench.quality import run_quality

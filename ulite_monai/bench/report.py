@@ -170,7 +170,11 @@ def _sw_table(sw: dict) -> list[str]:
     if src:
         lines += [f"Bundle inferer settings: {src}.", ""]
     mem_key, mem, fmt = ("peak_gpu_mb", "peak GPU memory", "{:.3f}") if gpu else ("peak_rss_mb", "peak RSS", "{:.1f}")
-    what = "time (s, median)" if gpu else "wall time (s)"
+    what = "time (s, median)" if gpu else "wall time (s, median)"
+    runs_cpu = [len(r["wall_s_runs"]) for r in sw["runs"] if r.get("wall_s_runs")]
+    if not gpu and runs_cpu:
+        lines += [f"Each pass a fresh process; {max(runs_cpu)} rounds over the settings, the models of a setting in "
+                  "turn in each round; median pass, highest peak RSS.", ""]
     lines += [f"| Model | roi | sw_batch_size | overlap | {what} | {mem} (MB) | notes |",
               "|---|---|---:|---:|---:|---:|---|"]
     for r in sw["runs"]:

@@ -6,7 +6,10 @@ and settings of a :class:`~ulite_monai.bundle.Bundle`); the sweep varies one set
 that the bundle defaults can follow the measurements.
 
 - CPU: every run is a fresh child process (peak RSS includes the runtime, the weights, the input volume and the
-  output logits); the time is one pass over the volume after a one-window warm-up.
+  output logits) timing one pass over the volume after a one-window warm-up. ``repeats`` rounds go over all
+  settings, and within a setting over all models in turn, so that the models of one setting are measured side by
+  side whatever the load of a shared machine does meanwhile; the median pass is reported (each pass is kept in
+  ``wall_s_runs``) with the highest peak RSS.
 - CUDA: one process; per model and setting, one untimed pass over the volume (cuDNN autotuning for every window
   batch shape), then ``repeats`` passes timed with CUDA events (median reported). Peak GPU memory is
   ``torch.cuda.max_memory_allocated`` during a pass minus what was allocated before the model was built:
@@ -122,27 +125,41 @@ def _record(name: str, s: dict) -> dict:
     return rec
 
 
-def _runs_cpu(models, volume, settings, max_model_s, max_rss_gb, log) -> list[dict]:
+def _runs_cpu(models, volume, settings, max_model_s, max_rss_gb, log, repeats: int = 1) -> list[dict]:
     threads = torch.get_num_threads()
-    runs = []
-    for name, s in itertools.product(models, settings):
-        rec = _record(name, s)
-        log(f"[sw] {name}: roi {rec['roi']}, sw_batch_size {rec['sw_batch_size']}, overlap {rec['overlap']} ...")
-        res = measure.run_child(
-            ["sw", "--model", name, "--roi", *rec["roi"], "--sw-batch", rec["sw_batch_size"], "--overlap",
-             rec["overlap"], "--sw-mode", rec["mode"], "--volume", *volume, "--threads", threads]
-            + (["--features", *rec["features"]] if rec["features"] else []),
-            timeout_s=max_model_s, max_rss_mb=max_rss_gb * 1024)
-        rec["status"] = res.get("status")
-        if res.get("status") == "ok":
-            rec.update(wall_s=res["call_s"], peak_rss_mb=res["peak_rss_mb"], base_rss_mb=res["base_rss_mb"],
-                       params=res["params"])
-            log(f"[sw]   {res['call_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
-        else:
-            rec["note"] = "; ".join(filter(None, [rec.get("note"), res.get("reason", "")]))
-            log(f"[sw]   {rec['status']}: {rec['note']}")
-        runs.append(rec)
-    return runs
+    recs = {(name, i): _record(name, s) for i, s in enumerate(settings) for name in models}
+    passes: dict[tuple, list[float]] = {k: [] for k in recs}
+    rounds = max(1, int(repeats))
+    for rnd in range(rounds):
+        for i in range(len(settings)):
+            for name in models:
+                rec = recs[(name, i)]
+                if rec["status"] not in (None, "ok"):
+                    continue  # failed (timeout, memory cap, error) in an earlier round: not retried
+                log(f"[sw] {name}: roi {rec['roi']}, sw_batch_size {rec['sw_batch_size']}, overlap {rec['overlap']}"
+                    + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else "") + " ...")
+                res = measure.run_child(
+                    ["sw", "--model", name, "--roi", *rec["roi"], "--sw-batch", rec["sw_batch_size"], "--overlap",
+                     rec["overlap"], "--sw-mode", rec["mode"], "--volume", *volume, "--threads", threads]
+                    + (["--features", *rec["features"]] if rec["features"] else []),
+                    timeout_s=max_model_s, max_rss_mb=max_rss_gb * 1024)
+                rec["status"] = res.get("status")
+                if res.get("status") == "ok":
+                    passes[(name, i)].append(float(res["call_s"]))
+                    rec.update(peak_rss_mb=max(res["peak_rss_mb"], rec.get("peak_rss_mb", 0.0)),
+                               base_rss_mb=res["base_rss_mb"], params=res["params"])
+                    log(f"[sw]   {res['call_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
+                else:
+                    why = res.get("reason", "")
+                    if rnd:
+                        why = f"round {rnd + 1}: {why}"
+                    rec["note"] = "; ".join(filter(None, [rec.get("note"), why]))
+                    rec.pop("peak_rss_mb", None)
+                    log(f"[sw]   {rec['status']}: {rec['note']}")
+    for key, rec in recs.items():
+        if rec["status"] == "ok":
+            rec.update(wall_s=statistics.median(passes[key]), wall_s_runs=passes[key])
+    return [recs[(name, i)] for name in models for i in range(len(settings))]
 
 
 def _runs_cuda(models, volume, settings, dev, amp, repeats, max_model_s, log) -> list[dict]:
@@ -232,7 +249,8 @@ def run_sliding_window(
         settings_source: where the base settings came from (for the report).
         max_model_s: wall-time cap per run (CPU) or per model (CUDA); max_rss_gb: RSS cap per run (CPU).
         device: ``"cpu"`` or a CUDA device; amp: ``"none"``, ``"fp16"`` or ``"bf16"`` (CUDA only).
-        repeats: timed passes per setting on CUDA (the median is reported).
+        repeats: timed passes per setting (the median is reported): on CUDA in one process, on the CPU in as many
+            rounds of fresh processes, the models of a setting side by side in each round.
         bundle: the bundle whose settings are used when ``settings`` is not given.
     """
     if settings is None:
@@ -242,7 +260,7 @@ def run_sliding_window(
     if dev.type == "cpu":
         if amp not in (None, "none"):
             raise ValueError("mixed precision (--amp) is benchmarked on CUDA only; use --amp none on the CPU.")
-        runs = _runs_cpu(models, volume, settings, max_model_s, max_rss_gb, log)
+        runs = _runs_cpu(models, volume, settings, max_model_s, max_rss_gb, log, repeats)
         mem_key = "peak_rss_mb"
     else:
         runs = _runs_cuda(models, volume, settings, dev, amp, repeats, max_model_s, log)
