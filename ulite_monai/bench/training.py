@@ -256,8 +256,8 @@ def run_training_step(
         steps: dict[str, Callable[[], object]] = {}
         for name in models:
             family, cl, compiled, label = TRAIN_MODELS[name]
-            rec = recs[name] = {"model": name, "label": label, "family": "ulite" if family.startswith("ulite") else "monai",
-                                "status": "ok", "notes": []}
+            rec = recs[name] = {"model": name, "label": label, "status": "ok", "notes": [],
+                                "family": "ulite" if family.startswith("ulite") else "monai"}
             try:
                 before = D.gpu_allocated_mb(dev)
                 net, loss_fn, opt = wl.build(family, dev)
