@@ -8,6 +8,7 @@ The CUDA paths share these code paths (device resolution, autocast and GradScale
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -147,6 +148,30 @@ def test_quick_training_step_mode(tmp_path):
     md = (out / "benchmark.md").read_text()
     assert "## Training step" in md and "| U-Lite channels-last | 64 K |" in md
     assert (out / "training_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_step_of_the_2d_bundle_and_a_bundle_without_sizes(tmp_path, capsys):
+    bundle_2d = BUNDLE.parent / "ulite_2d"
+    out = tmp_path / "bench"
+    rc = cli.main(["--quick", "--modes", "train", "--train-workloads", "bundle", "--train-models", "ulite",
+                   "monai-unet", "--threads", "1", "--bundle", str(bundle_2d), "--out", str(out)])
+    assert rc == 0
+    wl = json.loads((out / "benchmark.json").read_text())["training_step"]["workloads"][0]
+    assert wl["input_shape"] == [1, 3, 64, 64]  # batch_size 1 of --quick x 3-channel images of 64x64 (image_size)
+    assert "images of 64x64" in wl["description"]
+    res = {r["model"]: r for r in wl["results"]}
+    assert res["ulite"]["status"] == "ok" and res["ulite"]["params"] == 878_417  # the 2D bundle is the paper's net
+    assert res["monai-unet"]["status"] == "ok" and res["ulite"]["step"]["median_ms"] > 0
+
+    broken = tmp_path / "nosize"
+    shutil.copytree(bundle_2d, broken, ignore=shutil.ignore_patterns("dataset", "models", "eval", "logs"))
+    cfg = json.loads((broken / "configs" / "train.json").read_text())
+    del cfg["image_size"]
+    (broken / "configs" / "train.json").write_text(json.dumps(cfg))
+    rc = cli.main(["--quick", "--modes", "train", "--train-workloads", "bundle", "--train-models", "ulite",
+                   "--threads", "1", "--bundle", str(broken), "--out", str(tmp_path / "b2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "patch_size (or image_size" in err and str(broken) in err
 
 
 def _threshold_checkpoint(path: Path, hu_threshold: float, intensity_range=(-200.0, 300.0)) -> Path:

@@ -249,10 +249,13 @@ def main(argv=None) -> int:
     if "train" in modes:
         from ulite_monai.bench.training import run_training_step
 
-        result["training_step"] = run_training_step(
-            args.train_models, workloads=args.train_workloads, device=dev, amp=amp,
-            repeats=2 if q else args.train_repeats, warmup=1 if q else args.warmup, quick=q, bundle=bundle,
-            max_model_s=args.max_model_s, log=log)
+        try:
+            result["training_step"] = run_training_step(
+                args.train_models, workloads=args.train_workloads, device=dev, amp=amp,
+                repeats=2 if q else args.train_repeats, warmup=1 if q else args.warmup, quick=q, bundle=bundle,
+                max_model_s=args.max_model_s, log=log)
+        except ValueError as e:
+            return fail(str(e))
         save()
     if "sw" in modes:
         from ulite_monai.bench.sliding import bundle_inferer_settings, run_sliding_window, sweep_settings

@@ -121,12 +121,18 @@ def _bundle_workload(bundle, dev: torch.device, quick: bool) -> _Workload:
     settings: dict[str, Any] = {"device": f"$torch.device('{dev}')"}
     parser = bundle.parser("train", **settings)
     info = bundle.info(parser)
-    if quick:
-        settings.update(batch_size=1, patch_size=[32] * info.spatial_dims)
+    # the size of a training batch's images: the 3D bundle's random patches, or the 2D bundle's resized slices
+    size_key = next((k for k in ("patch_size", "image_size") if k in parser), None)
+    if size_key is None or "batch_size" not in parser:
+        raise ValueError(f"bundle {bundle.root}: configs/train.json needs batch_size and patch_size (or image_size, "
+                         "for a bundle that trains on whole resized images) for the training-step workload 'bundle'; "
+                         "add them or leave 'bundle' out of --train-workloads.")
+    if quick:  # 2D: 64 keeps 2x2 values per channel at the paper network's 5th stage for the batch norms of one image
+        settings.update(batch_size=1, **{size_key: [64 if info.spatial_dims == 2 else 32] * info.spatial_dims})
         parser = bundle.parser("train", **settings)
     p = parser.get_parsed_content
     batch = int(p("batch_size")) * int(p("num_samples") if "num_samples" in parser else 1)
-    size = tuple(int(s) for s in p("patch_size"))
+    size = tuple(int(s) for s in p(size_key))
 
     def build(family: str, dev: torch.device):
         if family in _AXIAL_IMPL:
@@ -143,7 +149,8 @@ def _bundle_workload(bundle, dev: torch.device, quick: bool) -> _Workload:
     return _Workload(
         "bundle", info.spatial_dims, batch, size, info.in_channels, info.out_channels,
         f"the bundle's step ({bundle.root}/configs/train.json): batch_size {p('batch_size')} x num_samples "
-        f"{batch // int(p('batch_size'))} patches of {'x'.join(map(str, size))}", build,
+        f"{batch // int(p('batch_size'))} {'patches' if size_key == 'patch_size' else 'images'} of "
+        f"{'x'.join(map(str, size))}", build,
         f"{opt.get('_target_', '?')}(lr={p('learning_rate')}, weight_decay={opt.get('weight_decay', '-')})",
         str(parser["loss"].get("_target_", "?")))
 
