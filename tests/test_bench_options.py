@@ -121,7 +121,8 @@ def test_markdown_of_a_cuda_report_names_the_gpu_and_gpu_memory(tmp_path):
 def test_quick_training_step_mode(tmp_path):
     out = tmp_path / "bench"
     rc = cli.main(["--quick", "--modes", "train", "--train-workloads", "3d", "bundle", "--train-models", "ulite",
-                   "ulite-cl", "ulite-reference", "monai-unet", "--threads", "1", "--bundle", str(BUNDLE), "--out", str(out)])
+                   "ulite-cl", "ulite-reference", "monai-unet", "--threads", "1", "--bundle", str(BUNDLE),
+                   "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "benchmark.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["bundle"]["root"] == str(BUNDLE)
