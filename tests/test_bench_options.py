@@ -8,8 +8,8 @@ The CUDA paths share these code paths (device resolution, autocast and GradScale
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np

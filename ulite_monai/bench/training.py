@@ -127,8 +127,10 @@ def _bundle_workload(bundle, dev: torch.device, quick: bool) -> _Workload:
         raise ValueError(f"bundle {bundle.root}: configs/train.json needs batch_size and patch_size (or image_size, "
                          "for a bundle that trains on whole resized images) for the training-step workload 'bundle'; "
                          "add them or leave 'bundle' out of --train-workloads.")
-    if quick:  # 2D: 64 keeps 2x2 values per channel at the paper network's 5th stage for the batch norms of one image
-        settings.update(batch_size=1, **{size_key: [64 if info.spatial_dims == 2 else 32] * info.spatial_dims})
+    if quick:  # one image of twice U-Lite's size divisor: 2 values per axis and channel for the deepest batch norms
+        features = _bundle_features(bundle, parser)
+        edge = 2 ** len(features) if features else 32
+        settings.update(batch_size=1, **{size_key: [edge] * info.spatial_dims})
         parser = bundle.parser("train", **settings)
     p = parser.get_parsed_content
     batch = int(p("batch_size")) * int(p("num_samples") if "num_samples" in parser else 1)
@@ -155,8 +157,9 @@ def _bundle_workload(bundle, dev: torch.device, quick: bool) -> _Workload:
         str(parser["loss"].get("_target_", "?")))
 
 
-def _bundle_features(bundle) -> list[int] | None:
-    parser = bundle.parser("train")
+def _bundle_features(bundle, parser=None) -> list[int] | None:
+    """The ``features`` of the bundle's ``network_def`` when it is a ULite (``parser``: its train config, if read)."""
+    parser = parser if parser is not None else bundle.parser("train")
     target = str(parser["network_def"].get("_target_", "")) if isinstance(parser["network_def"], dict) else ""
     if target.endswith("ULite") and "network_def#features" in parser:
         return [int(f) for f in parser.get_parsed_content("network_def#features")]
