@@ -18,7 +18,7 @@ APT_PACKAGES ?= dicom3tools dcmtk orthanc orthanc-dicomweb openssl
 # UTF-8 I/O whatever the machine's locale (torch.compile reads UTF-8 templates with the locale's codec)
 export PYTHONUTF8 = 1
 
-.PHONY: setup demo test test-fast sysdeps bench gpu-check clean help
+.PHONY: setup kernels demo test test-fast sysdeps bench gpu-check clean help
 
 help:
 	@echo "make demo | make test | make test-fast | make bench | make gpu-check | make label-server | make clean"
@@ -34,7 +34,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch, monai, ulite_monai; print('venv ready: torch', torch.__version__, 'monai', monai.__version__)"
 	touch $@
 
-demo: setup
+# the fused CPU training kernels (ulite_monai/networks/cpu_kernels.py): compiled once per machine into PyTorch's
+# extension cache (about 45 s), here rather than inside the first training run; a no-op when cached. A machine
+# without a C++ compiler gets a warning and trains with PyTorch's stock operators.
+kernels: setup
+	-$(PY) -m ulite_monai.networks.build_kernels
+
+demo: setup kernels
 	$(PY) -m ulite_monai.demo
 
 # Debian packages some integration tests need; installed only where missing (root or sudo).
@@ -52,11 +58,11 @@ sysdeps:
 	  $$SUDO systemctl stop orthanc >/dev/null 2>&1 || $$SUDO service orthanc stop >/dev/null 2>&1 || true; \
 	fi
 
-test: setup sysdeps label-venv
+test: setup sysdeps label-venv kernels
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # unit tests only (no slow integration tests, no MONAI Label server)
-test-fast: setup
+test-fast: setup kernels
 	$(PY) -m pytest tests -m "not slow and not label" $(PYTEST_ARGS)
 
 bench: setup

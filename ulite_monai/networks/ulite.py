@@ -26,6 +26,7 @@ from ulite_monai.networks.axial import (
     resolve_axial_impl,
     upsample_add,
 )
+from ulite_monai.networks.cpu_kernels import encoder_tail
 from ulite_monai.networks.utils import channels_last_format, check_input, crop_to, pad_to_divisible
 
 __all__ = ["AxialDWConv", "ULiteEncoderBlock", "ULiteDecoderBlock", "ULiteBottleneck", "ULite"]
@@ -142,6 +143,9 @@ class ULiteEncoderBlock(nn.Module):
         self.pw = Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1)
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2)
         self.act = get_act_layer(act)
+        #: run norm, pointwise conv and pooling through the fused CPU kernels where they apply
+        #: (:func:`~ulite_monai.networks.cpu_kernels.encoder_tail`); False keeps the stock operators
+        self.fused_tail = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.jit.is_scripting():
@@ -157,7 +161,12 @@ class ULiteEncoderBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
             return self.reference_forward(x)
-        skip = batch_norm(self.norm, self.dw(x))
+        y = self.dw(x)
+        fused = encoder_tail(self.norm, self.pw, y) if self.fused_tail else None
+        if fused is not None:
+            z, skip = fused
+            return self.act(z), skip
+        skip = batch_norm(self.norm, y)
         return self.act(self.pool(_conv1x1(self.pw, skip))), skip
 
 

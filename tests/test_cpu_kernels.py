@@ -1,0 +1,155 @@
+"""The fused CPU encoder tail (``ulite_monai.networks.cpu_kernels``): batch norm, 1x1 conv and max-pool in one
+C++ pass each way, against PyTorch's stock operators: outputs, gradients, running statistics, tie-breaking of
+the max-pool, and the cases it leaves to the stock operators."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ulite_monai.networks import ULite, ULiteEncoderBlock
+from ulite_monai.networks import cpu_kernels
+from ulite_monai.networks.cpu_kernels import encoder_tail, load_extension
+
+
+def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEncoderBlock:
+    torch.manual_seed(seed)
+    blk = ULiteEncoderBlock(dims, cin, cout)
+    if norm_kw:
+        cls = torch.nn.BatchNorm3d if dims == 3 else torch.nn.BatchNorm2d
+        blk.norm = cls(cin, **norm_kw)
+    with torch.no_grad():
+        blk.norm.weight.uniform_(0.5, 1.5)
+        blk.norm.bias.uniform_(-0.5, 0.5)
+        if blk.norm.running_mean is not None:
+            blk.norm.running_mean.uniform_(-1, 1)
+            blk.norm.running_var.uniform_(0.5, 2)
+    return blk
+
+
+def _step(blk, x, gz, gs):
+    xi = x.clone().requires_grad_(True)
+    z, s = blk(xi)
+    torch.autograd.backward([z, s], [gz, gs])
+    return z, s, xi.grad
+
+
+def test_the_extension_builds_here():
+    """CI machines have a C++ compiler: the kernels must build there, or every other test here compares the stock
+    operators with themselves."""
+    assert cpu_kernels.kernels_enabled()
+    assert load_extension() is not None
+
+
+@pytest.mark.parametrize(
+    "dims,cin,cout,shape,norm_kw",
+    [
+        (2, 16, 32, (3, 16, 12, 20), {}),  # the paper's first stage (compiled channel pair)
+        (2, 32, 64, (2, 32, 8, 6), {"momentum": None}),  # cumulative running average
+        (3, 8, 16, (2, 8, 6, 4, 10), {}),  # the 3D bundle's first stage
+        (2, 12, 20, (2, 12, 6, 8), {}),  # a channel pair without a compiled kernel: the generic loops
+        (3, 6, 10, (2, 6, 4, 6, 4), {"momentum": 0.3}),
+        (2, 16, 32, (2, 16, 6, 6), {"track_running_stats": False}),  # batch statistics in eval mode too
+    ],
+)
+def test_fused_tail_matches_the_stock_operators(dims, cin, cout, shape, norm_kw):
+    fused = _block(dims, cin, cout, **norm_kw)
+    stock = copy.deepcopy(fused)
+    stock.fused_tail = False
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    for mode, steps in (("train", 2), ("eval", 1)):
+        fused.train(mode == "train")
+        stock.train(mode == "train")
+        for step in range(steps):
+            x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt)
+            z0 = stock(x)[0]
+            gz, gs = torch.randn_like(z0), torch.randn(shape)
+            if mode == "train":  # the probe call above moved the stock running stats: undo it
+                stock.load_state_dict(fused.state_dict())
+            za, sa, ga = _step(fused, x, gz, gs)
+            zb, sb, gb = _step(stock, x, gz, gs)
+            assert za.shape == zb.shape and za.is_contiguous(memory_format=fmt) and sa.is_contiguous(memory_format=fmt)
+            assert (za - zb).abs().max().item() < 1e-4, (mode, step)
+            assert (sa - sb).abs().max().item() < 1e-5, (mode, step)
+            assert (ga - gb).abs().max().item() < 1e-4 * gb.abs().max().item() + 1e-6, (mode, step)
+            for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
+                # (the axial biases' gradients are zero up to rounding: batch norm cancels a per-channel shift)
+                assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, name
+                pa.grad = pb.grad = None
+            for name, buf in fused.norm.named_buffers():
+                other = dict(stock.norm.named_buffers())[name]
+                assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-6), (mode, step, name)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_max_pool_ties_and_gradients_go_to_the_first_voxel(dims):
+    """With a zero 1x1 weight every window is a tie: the pooled value is the bias, and the gradient of the
+    weight and of the input must be the stock max-pool's (which routes each value's gradient to the first
+    voxel of its window in scan order)."""
+    fused = _block(dims, 8, 16, seed=3)
+    with torch.no_grad():
+        fused.pw.weight.zero_()
+    stock = copy.deepcopy(fused)
+    stock.fused_tail = False
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    shape = (2, 8) + (4, 6, 8)[:dims]
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    gz = torch.randn((2, 16) + tuple(s // 2 for s in shape[2:]))
+    gs = torch.zeros(shape)
+    za, _, ga = _step(fused, x, gz, gs)
+    zb, _, gb = _step(stock, x, gz, gs)
+    assert torch.equal(za, zb)
+    assert torch.allclose(fused.pw.weight.grad, stock.pw.weight.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_network_step_is_the_same_with_and_without_the_fused_tail():
+    """ULite 2D (paper widths, first three stages fused) and 3D: same loss, same gradients for every parameter."""
+    for net in (ULite(2, 3, 1, features=(16, 32, 64, 128)), ULite(3, 1, 2, features=(8, 16, 32))):
+        torch.manual_seed(0)
+        nd = net.spatial_dims
+        x = torch.randn((2, net.in_channels) + (32,) * nd)
+        twin = copy.deepcopy(net)
+        for enc in twin.encoders:
+            enc.fused_tail = False
+        outs = []
+        for m in (net, twin):
+            y = m(x)
+            (y.square().mean()).backward()
+            outs.append(y)
+        assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(net.named_parameters(), twin.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6 + 1e-4 * b.grad.abs().max().item()), name
+
+
+def test_inputs_the_kernels_leave_to_the_stock_operators(monkeypatch):
+    """encoder_tail returns None (the caller runs the stock operators) for NCHW inputs, too many channels, float64,
+    autocast, a norm that is not BatchNorm, and when turned off with ULITE_CPU_KERNELS=0."""
+    blk = _block(2, 16, 32)
+    x = torch.randn(2, 16, 8, 8)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert encoder_tail(blk.norm, blk.pw, cl) is not None
+    assert encoder_tail(blk.norm, blk.pw, x) is None  # NCHW
+    assert encoder_tail(blk.norm.double(), blk.pw.double(), cl.double()) is None
+    blk = _block(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encoder_tail(blk.norm, blk.pw, cl) is None
+    wide = _block(2, 128, 256)
+    assert encoder_tail(wide.norm, wide.pw, torch.randn(2, 128, 4, 4).contiguous(memory_format=torch.channels_last)) is None
+    assert encoder_tail(torch.nn.InstanceNorm2d(16, affine=True), blk.pw, cl) is None
+    monkeypatch.setenv("ULITE_CPU_KERNELS", "0")
+    assert encoder_tail(blk.norm, blk.pw, cl) is None
+    assert load_extension() is None
+
+
+def test_metatensor_batches_keep_their_type_through_the_fused_tail():
+    from monai.data import MetaTensor
+
+    blk = _block(2, 16, 32)
+    x = MetaTensor(torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last),
+                   meta={"filename_or_obj": "case.nii.gz"})
+    z, s = blk(x)
+    assert isinstance(z, MetaTensor) and isinstance(s, MetaTensor)
+    assert s.meta["filename_or_obj"] == "case.nii.gz"

@@ -1,0 +1,210 @@
+# Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+"""Fused CPU kernels for U-Lite training (C++, built on first use with ``torch.utils.cpp_extension``).
+
+The full-resolution stages of the 2D network (16-64 channels at 256^2 and 128^2 in the paper's configuration)
+are memory-bound on the CPU: every stock operator of an encoder's tail (batch norm, 1x1 conv, max-pool, each
+forward and backward) streams whole tensors through memory. :func:`encoder_tail` computes
+``pool(pw(norm(y)))`` and its backward in one pass each (see ``csrc/encoder_tail.cpp``); outputs, gradients
+and running-statistics updates match the stock operators up to float rounding.
+
+The extension is compiled once per machine into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``; about 45 s with a C++ compiler; ``python -m ulite_monai.networks.build_kernels``,
+run by ``make setup``'s ``kernels`` step, builds it ahead of use). Without a compiler, or with ``ULITE_CPU_KERNELS=0``, the stock operators run
+instead (one warning names the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ulite_monai.networks.utils import channels_last_format
+
+__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "MAX_TAIL_CHANNELS"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "encoder_tail.cpp"
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+#: Encoder stages with more input channels than this keep the stock operators: there the 1x1 conv is
+#: compute-bound and oneDNN's blocked kernels beat the fused loop.
+MAX_TAIL_CHANNELS = 64
+
+_BUILD_REV = b"2"  # bump when the build flags change
+
+
+def _cpu_tag() -> str:
+    """What the build depends on besides its source: ``-march=native`` code runs only on CPUs like this one."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _ninja_on_path() -> None:
+    """torch.utils.cpp_extension runs ``ninja`` from PATH; a virtual environment's own ninja (the PyPI package) is not
+    on PATH when its Python runs without activation, so put it there for this process."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+
+
+def kernels_enabled() -> bool:
+    """Whether the fused CPU kernels may be used (``ULITE_CPU_KERNELS=0`` turns them off)."""
+    return os.environ.get("ULITE_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load_extension(verbose: bool = False):
+    """The compiled extension module, building it on first call; ``None`` (with one warning) if it cannot be
+    built or is turned off."""
+    if not kernels_enabled():
+        return None
+    with _LOCK:
+        if "module" in _STATE:
+            return _STATE["module"]
+        module = None
+        try:
+            from torch.utils.cpp_extension import load
+
+            _ninja_on_path()
+
+            source = _SOURCE.read_bytes()
+            tag = hashlib.sha1(source + _cpu_tag().encode() + torch.__version__.encode() + _BUILD_REV).hexdigest()[:12]
+            # OpenMP: ATen's parallel_for is inline code that runs serially unless compiled with it (the library
+            # resolves to the libgomp already loaded with torch)
+            flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+            if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+                flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+            module = load(name=f"ulite_cpu_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"], verbose=verbose)
+        except Exception as e:  # no compiler, no headers, a failed build: the stock operators still work
+            warnings.warn(
+                f"ulite_monai: the fused CPU kernels could not be built ({type(e).__name__}: {str(e)[:300]}); "
+                "U-Lite trains with PyTorch's stock operators instead (slower on the CPU). Install a C++ compiler "
+                "(g++) and ninja to enable them, or set ULITE_CPU_KERNELS=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _STATE["module"] = module
+        return module
+
+
+class _EncoderTail(torch.autograd.Function):
+    """``(maxpool2(pw(bn(y))), bn(y))`` for a channels-last ``y`` viewed as ``[N, D, H, W, C]``."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, weight, bias, mean, invstd, batch_stats, pool_d, ext):  # noqa: D102
+        a = gamma * invstd
+        b = beta - mean * a
+        w2 = weight.reshape(weight.shape[0], weight.shape[1])
+        s, z, idx = ext.encoder_tail_forward(y, a.contiguous(), b.contiguous(), w2.t().contiguous(),
+                                             bias.contiguous(), pool_d)
+        ctx.save_for_backward(y, s, idx, w2.contiguous(), a, mean, invstd)
+        ctx.flags = (batch_stats, pool_d, ext, weight.shape)
+        ctx.mark_non_differentiable(idx)
+        return z, s, idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gz, gs, _gidx):  # noqa: D102
+        y, s, idx, w2, a, mean, invstd = ctx.saved_tensors
+        batch_stats, pool_d, ext, wshape = ctx.flags
+        gz = gz.contiguous() if gz is not None else torch.zeros(idx.shape, dtype=y.dtype)
+        gs = gs.contiguous() if gs is not None else torch.empty(0, dtype=y.dtype)
+        gy, gw, gb, sum_g, sum_gx = ext.encoder_tail_backward(gz, idx, y, s, gs, w2, a, mean, invstd, batch_stats,
+                                                              pool_d)
+        return gy, sum_gx * invstd, sum_g, gw.view(wshape), gb, None, None, None, None, None
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
+
+
+def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` as the subclass of ``x`` (a MONAI MetaTensor keeps its metadata, as stock operators keep it)."""
+    if type(x) is torch.Tensor:
+        return out
+    from monai.data import MetaTensor
+
+    if isinstance(x, MetaTensor):
+        result = MetaTensor(out)
+        result.copy_meta_from(x)
+        return result
+    return out.as_subclass(type(x))
+
+
+def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(maxpool2(pw(norm(y))), norm(y))`` through the fused kernels, with ``norm``'s running statistics updated as
+    ``norm(y)`` updates them; ``None`` where the kernels do not apply (then run the stock operators): not a CPU
+    float32 channels-last 2D/3D input, a norm other than an affine ``BatchNorm2d``/``BatchNorm3d``, more than
+    :data:`MAX_TAIL_CHANNELS` channels, autocast or ``torch.compile``, or no extension.
+    """
+    nd = y.dim() - 2
+    cls = type(norm)
+    if not (
+        nd in (2, 3)
+        and cls is (torch.nn.BatchNorm2d if nd == 2 else torch.nn.BatchNorm3d)
+        and norm.affine
+        and y.device.type == "cpu"
+        and y.dtype == torch.float32
+        and pw.weight.dtype == torch.float32
+        and pw.bias is not None
+        and 1 < y.shape[1] <= MAX_TAIL_CHANNELS
+        and all(s % 2 == 0 for s in y.shape[2:])
+        and y.is_contiguous(memory_format=channels_last_format(nd))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+    ):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    c = y.shape[1]
+    m = y.numel() // c
+    batch_stats = norm.training or norm.running_mean is None or norm.running_var is None
+    if batch_stats and m < 2:
+        return None  # nn.BatchNorm's own error for a single value per channel
+    plain = _plain(y)
+    cl = plain.permute(0, *range(2, nd + 2), 1)  # [N, (D,) H, W, C]: the channels-last memory, a view
+    y5 = cl if nd == 3 else cl.unsqueeze(1)
+    if batch_stats:
+        with torch.no_grad():
+            mean, var = ext.channel_stats(y5.detach().reshape(m, c))
+        if norm.training and norm.track_running_stats and norm.running_mean is not None:
+            factor = 0.0
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+                factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            with torch.no_grad():
+                norm.running_mean.lerp_(mean, factor)
+                norm.running_var.lerp_(var * (m / (m - 1)), factor)
+    else:
+        mean, var = norm.running_mean.detach(), norm.running_var.detach()
+    invstd = torch.rsqrt(var + norm.eps)
+    z5, s5, _ = _EncoderTail.apply(y5, norm.weight, norm.bias, pw.weight, pw.bias, mean, invstd, batch_stats,
+                                   nd == 3, ext)
+    if nd == 2:
+        z5, s5 = z5.squeeze(1), s5.squeeze(1)
+    z = z5.permute(0, nd + 1, *range(1, nd + 1))
+    skip = s5.permute(0, nd + 1, *range(1, nd + 1))
+    return _like_input(z, y), _like_input(skip, y)

@@ -1,0 +1,437 @@
+// Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
+//
+// U-Lite's encoder tail on the CPU, fused: batch-norm affine -> 1x1 conv -> max-pool 2, forward and backward,
+// for channels-last float32 tensors viewed as [N, D, H, W, C] (D == 1 in 2D). The stock operators each make a
+// full-resolution pass (normalise, conv, pool; their backwards zero-fill and scatter full-resolution gradients);
+// here the 1x1 conv's output only ever lives in a per-thread buffer of the rows that one pooling window
+// covers, and the backward visits, per pooled value, only the voxel that won the maximum.
+//
+// Layout names: Ci input channels (the skip), Co output channels, R rows per pooling group (2 in 2D, 4 in 3D),
+// a "window" is the 2R voxels that one pooled value is taken over, numbered j = r * 2 + dw in the order PyTorch's
+// max-pool scans them (so ties and NaNs pick the same voxel).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// GCC/Clang vector types (the compiler maps them onto the widest vectors the CPU has); `u` = unaligned access.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+template <int N> struct Vec;
+template <> struct Vec<16> { using type = v16; using unaligned = v16u; };
+template <> struct Vec<8> { using type = v8; using unaligned = v8u; };
+
+template <int N>
+inline typename Vec<N>::type load(const float* p) { return *reinterpret_cast<const typename Vec<N>::unaligned*>(p); }
+template <int N>
+inline void store(float* p, typename Vec<N>::type v) { *reinterpret_cast<typename Vec<N>::unaligned*>(p) = v; }
+
+struct Geometry {
+  int64_t n, d, h, w, ci, co, d2, h2, w2, rows;
+  bool pool_d;
+  int64_t groups() const { return n * d2 * h2; }
+  // first voxel of row r of pooling group g
+  int64_t row_start(int64_t g, int64_t r) const {
+    const int64_t b = g / (d2 * h2), dz = (g / h2) % d2, hy = g % h2;
+    const int64_t dd = pool_d ? 2 * dz + r / 2 : dz;
+    return ((b * d + dd) * h + 2 * hy + r % 2) * w;
+  }
+};
+
+Geometry geometry(const at::Tensor& y, int64_t co, bool pool_d) {
+  TORCH_CHECK(y.dim() == 5 && y.is_contiguous() && y.scalar_type() == at::kFloat && y.device().is_cpu(),
+              "encoder_tail: expected a contiguous float32 CPU tensor [N, D, H, W, C]");
+  Geometry g;
+  g.n = y.size(0); g.d = y.size(1); g.h = y.size(2); g.w = y.size(3); g.ci = y.size(4); g.co = co;
+  g.pool_d = pool_d;
+  TORCH_CHECK(g.h % 2 == 0 && g.w % 2 == 0 && (!pool_d || g.d % 2 == 0), "encoder_tail: odd spatial size");
+  g.d2 = pool_d ? g.d / 2 : g.d; g.h2 = g.h / 2; g.w2 = g.w / 2; g.rows = pool_d ? 4 : 2;
+  return g;
+}
+
+// Splits [0, total) into `parts` contiguous ranges and runs f(part, begin, end) for each, in parallel.
+template <typename F>
+void by_parts(int64_t total, int64_t parts, const F& f) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(p, total * p / parts, total * (p + 1) / parts);
+  });
+}
+
+int64_t num_parts(int64_t groups) { return std::max<int64_t>(1, std::min<int64_t>(groups, at::get_num_threads())); }
+
+}  // namespace
+
+// The per-group work of the forward, with the channel counts known at compile time (CI, CO > 0) so that the 1x1
+// conv's accumulators stay in vector registers; CI = CO = 0 reads them from the geometry instead.
+template <int CI, int CO>
+void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __restrict__ py,
+                    const float* __restrict__ pa, const float* __restrict__ pb, const float* __restrict__ pw,
+                    const float* __restrict__ pbias, float* __restrict__ ps, float* __restrict__ pz,
+                    uint8_t* __restrict__ pi) {
+  const int64_t ci = CI > 0 ? CI : g.ci, co = CO > 0 ? CO : g.co, w = g.w;
+  std::vector<float> buf(g.rows * w * co);
+  float* __restrict__ p = buf.data();
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const int64_t v0 = g.row_start(grp, r);
+      for (int64_t x = 0; x < w; ++x) {
+        const float* __restrict__ yi = py + (v0 + x) * ci;
+        float* __restrict__ si = ps + (v0 + x) * ci;
+        float* __restrict__ out = p + (r * w + x) * co;
+        if constexpr (CI > 0 && CO > 0) {
+          constexpr int VO = CO >= 16 ? 16 : 8;
+          using V = typename Vec<VO>::type;
+          float sv[CI];
+          for (int k = 0; k < CI; ++k) sv[k] = yi[k] * pa[k] + pb[k];
+          for (int k = 0; k < CI; ++k) si[k] = sv[k];
+          V acc[CO / VO];
+          for (int v = 0; v < CO / VO; ++v) acc[v] = load<VO>(pbias + v * VO);
+          for (int k = 0; k < CI; ++k) {
+            const float sk = sv[k];
+            const float* wk = pw + k * CO;
+            for (int v = 0; v < CO / VO; ++v) acc[v] += sk * load<VO>(wk + v * VO);
+          }
+          for (int v = 0; v < CO / VO; ++v) store<VO>(out + v * VO, acc[v]);
+        } else {
+          for (int64_t k = 0; k < ci; ++k) si[k] = yi[k] * pa[k] + pb[k];
+          for (int64_t c = 0; c < co; ++c) out[c] = pbias[c];
+          for (int64_t k = 0; k < ci; ++k) {
+            const float sk = si[k];
+            const float* __restrict__ wk = pw + k * co;
+            for (int64_t c = 0; c < co; ++c) out[c] += sk * wk[c];
+          }
+        }
+      }
+    }
+    const int64_t o0 = grp * g.w2;
+    for (int64_t x2 = 0; x2 < g.w2; ++x2) {
+      float* __restrict__ zo = pz + (o0 + x2) * co;
+      uint8_t* __restrict__ io = pi + (o0 + x2) * co;
+      const float* first = p + (2 * x2) * co;
+      if constexpr (CO > 0) {
+        constexpr int VO = CO >= 16 ? 16 : 8;
+        using V = typename Vec<VO>::type;
+        V best[CO / VO], at[CO / VO];
+        for (int v = 0; v < CO / VO; ++v) { best[v] = load<VO>(first + v * VO); at[v] = V{}; }
+        for (int64_t j = 1; j < 2 * g.rows; ++j) {
+          const float* pj = p + ((j / 2) * w + 2 * x2 + j % 2) * co;
+          const V jv = V{} + static_cast<float>(j);
+          for (int v = 0; v < CO / VO; ++v) {
+            const V x = load<VO>(pj + v * VO);
+            const auto take = (x > best[v]) | (x != x);
+            best[v] = take ? x : best[v];
+            at[v] = take ? jv : at[v];
+          }
+        }
+        alignas(64) float jf[CO];
+        for (int v = 0; v < CO / VO; ++v) { store<VO>(zo + v * VO, best[v]); store<VO>(jf + v * VO, at[v]); }
+        for (int c = 0; c < CO; ++c) io[c] = static_cast<uint8_t>(jf[c]);
+      } else {
+        for (int64_t c = 0; c < co; ++c) { zo[c] = first[c]; io[c] = 0; }
+        for (int64_t j = 1; j < 2 * g.rows; ++j) {
+          const float* __restrict__ pj = p + ((j / 2) * w + 2 * x2 + j % 2) * co;
+          const uint8_t jj = static_cast<uint8_t>(j);
+          for (int64_t c = 0; c < co; ++c) {
+            const float v = pj[c];
+            const bool take = (v > zo[c]) || (v != v);
+            zo[c] = take ? v : zo[c];
+            io[c] = take ? jj : io[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Calls body.template operator()<CI, CO>() for the channel pairs that have compiled kernels, else <0, 0>.
+template <typename F>
+void dispatch_channels(int64_t ci, int64_t co, const F& body) {
+  if (ci == 8 && co == 16) return body.template operator()<8, 16>();
+  if (ci == 16 && co == 32) return body.template operator()<16, 32>();
+  if (ci == 32 && co == 64) return body.template operator()<32, 64>();
+  if (ci == 64 && co == 128) return body.template operator()<64, 128>();
+  return body.template operator()<0, 0>();
+}
+
+// s = y * a + b (the skip); z = maxpool2(s @ wt + bias); idx = the window position of each maximum.
+// y [N, D, H, W, Ci]; a, b [Ci]; wt [Ci, Co]; bias [Co]. Returns s, z [N, D2, H/2, W/2, Co], idx (uint8, as z).
+std::vector<at::Tensor> encoder_tail_forward(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                                             const at::Tensor& wt, const at::Tensor& bias, bool pool_d) {
+  const Geometry g = geometry(y, wt.size(1), pool_d);
+  TORCH_CHECK(wt.is_contiguous() && wt.size(0) == g.ci && a.is_contiguous() && b.is_contiguous() &&
+              bias.is_contiguous(), "encoder_tail_forward: bad parameter shapes");
+  auto s = at::empty_like(y);
+  auto z = at::empty({g.n, g.d2, g.h2, g.w2, g.co}, y.options());
+  auto idx = at::empty({g.n, g.d2, g.h2, g.w2, g.co}, y.options().dtype(at::kByte));
+  const float *py = y.data_ptr<float>(), *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+  const float *pw = wt.data_ptr<float>(), *pbias = bias.data_ptr<float>();
+  float *ps = s.data_ptr<float>(), *pz = z.data_ptr<float>();
+  uint8_t* pi = idx.data_ptr<uint8_t>();
+  dispatch_channels(g.ci, g.co, [&]<int CI, int CO>() {
+    by_parts(g.groups(), num_parts(g.groups()), [&](int64_t, int64_t g0, int64_t g1) {
+      forward_groups<CI, CO>(g, g0, g1, py, pa, pb, pw, pbias, ps, pz, pi);
+    });
+  });
+  return {s, z, idx};
+}
+
+// The per-group work of the backward's first pass (see encoder_tail_backward); CI, CO as in forward_groups, WIN
+// the voxels of a pooling window (4 in 2D, 8 in 3D; only used with CI, CO > 0).
+template <int CI, int CO, int WIN>
+void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __restrict__ pgz,
+                     const uint8_t* __restrict__ pi, const float* __restrict__ py, const float* __restrict__ ps,
+                     const float* __restrict__ pgs, const float* __restrict__ pw, const float* __restrict__ pm,
+                     float* __restrict__ pgy, float* __restrict__ aw, float* __restrict__ ab, float* __restrict__ ag,
+                     float* __restrict__ agx) {
+  const int64_t ci = CI > 0 ? CI : g.ci, co = CO > 0 ? CO : g.co, win = 2 * g.rows;
+  std::vector<float> local_buf(win * ci);
+  float* __restrict__ local = local_buf.data();
+  int64_t vox[8];
+  constexpr int VWS = CI >= 16 ? 16 : 8;
+  constexpr int NVS = CI > 0 ? CI / VWS : 1;
+  using VS = typename Vec<VWS>::type;
+  VS sum_g[NVS], sum_gx[NVS], mean_v[NVS];
+  for (int u = 0; u < NVS; ++u) {
+    sum_g[u] = VS{};
+    sum_gx[u] = VS{};
+    mean_v[u] = CI > 0 ? load<VWS>(pm + u * VWS) : VS{};
+  }
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    int64_t starts[4];
+    for (int64_t r = 0; r < g.rows; ++r) starts[r] = g.row_start(grp, r);
+    const int64_t o0 = grp * g.w2;
+    for (int64_t x2 = 0; x2 < g.w2; ++x2) {
+      for (int64_t j = 0; j < win; ++j) vox[j] = starts[j / 2] + 2 * x2 + j % 2;
+      const float* __restrict__ gzo = pgz + (o0 + x2) * co;
+      const uint8_t* __restrict__ io = pi + (o0 + x2) * co;
+      for (int64_t c = 0; c < co; ++c) ab[c] += gzo[c];
+      if constexpr (CI > 0 && CO > 0) {
+        // dense: gp[j][c] is the window's gradient of the 1x1 conv output (zero but at each maximum), then
+        // local = gp @ weight and aw += gp^T @ s, with register accumulators (a sparse scatter into `local`
+        // chained every channel through a store and a load, 4x slower)
+        constexpr int VW = CI >= 16 ? 16 : 8;
+        constexpr int NV = CI / VW;
+        using V = typename Vec<VW>::type;
+        alignas(64) float gp[WIN][CO > 0 ? CO : 1];
+        for (int j = 0; j < WIN; ++j)
+          for (int c = 0; c < CO; ++c) gp[j][c] = 0.f;
+        for (int c = 0; c < CO; ++c) gp[io[c]][c] = gzo[c];
+        // one accumulator per window voxel: independent chains of fused multiply-adds
+        V acc[WIN][NV];
+        for (int j = 0; j < WIN; ++j)
+          for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+        for (int c = 0; c < CO; ++c) {
+          const float* wc = pw + c * CI;
+          V wv[NV];
+          for (int v = 0; v < NV; ++v) wv[v] = load<VW>(wc + v * VW);
+          for (int j = 0; j < WIN; ++j)
+            for (int v = 0; v < NV; ++v) acc[j][v] += gp[j][c] * wv[v];
+        }
+        for (int j = 0; j < WIN; ++j)
+          for (int v = 0; v < NV; ++v) store<VW>(local + j * CI + v * VW, acc[j][v]);
+        for (int c = 0; c < CO; ++c) {
+          float* awc = aw + c * CI;
+          V acc[NV];
+          for (int v = 0; v < NV; ++v) acc[v] = load<VW>(awc + v * VW);
+          for (int j = 0; j < WIN; ++j) {
+            const float gjc = gp[j][c];
+            const float* sj = ps + vox[j] * CI;
+            for (int v = 0; v < NV; ++v) acc[v] += gjc * load<VW>(sj + v * VW);
+          }
+          for (int v = 0; v < NV; ++v) store<VW>(awc + v * VW, acc[v]);
+        }
+      } else {
+        std::memset(local, 0, sizeof(float) * win * ci);
+        for (int64_t c = 0; c < co; ++c) {
+          const float gc = gzo[c];
+          if (gc == 0.f) continue;
+          const int64_t j = io[c];
+          const float* __restrict__ wc = pw + c * ci;
+          const float* __restrict__ sj = ps + vox[j] * ci;
+          float* __restrict__ lj = local + j * ci;
+          float* __restrict__ awc = aw + c * ci;
+          for (int64_t k = 0; k < ci; ++k) {
+            lj[k] += gc * wc[k];
+            awc[k] += gc * sj[k];
+          }
+        }
+      }
+      for (int64_t j = 0; j < win; ++j) {
+        float* __restrict__ lj = local + j * ci;
+        const int64_t v = vox[j];
+        const float* __restrict__ yv = py + v * ci;
+        float* __restrict__ out = pgy + v * ci;
+        const float* __restrict__ sk = pgs != nullptr ? pgs + v * ci : nullptr;
+        if constexpr (CI > 0) {
+          for (int u = 0; u < NVS; ++u) {
+            VS gv = load<VWS>(lj + u * VWS);
+            if (sk != nullptr) gv += load<VWS>(sk + u * VWS);
+            store<VWS>(out + u * VWS, gv);
+            sum_g[u] += gv;
+            sum_gx[u] += gv * (load<VWS>(yv + u * VWS) - mean_v[u]);
+          }
+        } else {
+          for (int64_t k = 0; k < ci; ++k) {
+            const float gv = lj[k] + (sk != nullptr ? sk[k] : 0.f);
+            out[k] = gv;
+            ag[k] += gv;
+            agx[k] += gv * (yv[k] - pm[k]);
+          }
+        }
+      }
+    }
+  }
+  if constexpr (CI > 0) {
+    for (int u = 0; u < NVS; ++u) {
+      store<VWS>(ag + u * VWS, load<VWS>(ag + u * VWS) + sum_g[u]);
+      store<VWS>(agx + u * VWS, load<VWS>(agx + u * VWS) + sum_gx[u]);
+    }
+  }
+}
+
+// gy = gy * scale + y * coef + shift, per channel, in place over [m, CI] (the backward's second pass).
+template <int CI>
+void second_pass(float* __restrict__ pgy, const float* __restrict__ py, int64_t m, const float* scale,
+                 const float* coef, const float* shift) {
+  constexpr int VW = CI >= 16 ? 16 : 8;
+  using V = typename Vec<VW>::type;
+  at::parallel_for(0, m, 2048, [&](int64_t v0, int64_t v1) {
+    V sc[CI / VW], co[CI / VW], sh[CI / VW];
+    for (int u = 0; u < CI / VW; ++u) {
+      sc[u] = load<VW>(scale + u * VW); co[u] = load<VW>(coef + u * VW); sh[u] = load<VW>(shift + u * VW);
+    }
+    for (int64_t v = v0; v < v1; ++v)
+      for (int u = 0; u < CI / VW; ++u) {
+        float* o = pgy + v * CI + u * VW;
+        store<VW>(o, load<VW>(o) * sc[u] + load<VW>(py + v * CI + u * VW) * co[u] + sh[u]);
+      }
+  });
+}
+
+// Backward of encoder_tail_forward followed by batch norm's backward.
+// gz: gradient of z; gskip: gradient reaching s from elsewhere (the decoder), or an empty tensor; weight [Co, Ci].
+// With batch statistics (training), gy = a * (gs - sum(gs) / M - (y - mean) * invstd^2 * sum(gs * (y - mean)) / M),
+// else gy = a * gs. Returns gy, grad of weight [Co, Ci], grad of bias [Co], sum(gs) [Ci], sum(gs * (y - mean)) [Ci].
+std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Tensor& idx, const at::Tensor& y,
+                                              const at::Tensor& s, const at::Tensor& gskip, const at::Tensor& weight,
+                                              const at::Tensor& a, const at::Tensor& mean, const at::Tensor& invstd,
+                                              bool batch_stats, bool pool_d) {
+  const Geometry g = geometry(y, weight.size(0), pool_d);
+  TORCH_CHECK(gz.is_contiguous() && idx.is_contiguous() && s.is_contiguous() && weight.is_contiguous() &&
+              weight.size(1) == g.ci && gz.numel() == idx.numel(), "encoder_tail_backward: bad shapes");
+  const bool has_skip = gskip.defined() && gskip.numel() > 0;
+  TORCH_CHECK(!has_skip || (gskip.is_contiguous() && gskip.numel() == y.numel()), "encoder_tail_backward: gskip");
+  const int64_t ci = g.ci, co = g.co, w = g.w, win = 2 * g.rows;
+  const int64_t parts = num_parts(g.groups());
+  auto gy = at::empty_like(y);
+  std::vector<float> acc_w(parts * co * ci, 0.f), acc_b(parts * co, 0.f), acc_g(parts * ci, 0.f),
+      acc_gx(parts * ci, 0.f);
+  const float *pgz = gz.data_ptr<float>(), *py = y.data_ptr<float>(), *ps = s.data_ptr<float>();
+  const float *pw = weight.data_ptr<float>(), *pm = mean.data_ptr<float>();
+  const float* pgs = has_skip ? gskip.data_ptr<float>() : nullptr;
+  const uint8_t* pi = idx.data_ptr<uint8_t>();
+  float* pgy = gy.data_ptr<float>();
+  dispatch_channels(ci, co, [&]<int CI, int CO>() {
+    by_parts(g.groups(), parts, [&](int64_t part, int64_t g0, int64_t g1) {
+      if (g.pool_d)
+        backward_groups<CI, CO, 8>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.data() + part * co * ci,
+                                   acc_b.data() + part * co, acc_g.data() + part * ci, acc_gx.data() + part * ci);
+      else
+        backward_groups<CI, CO, 4>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.data() + part * co * ci,
+                              acc_b.data() + part * co, acc_g.data() + part * ci, acc_gx.data() + part * ci);
+    });
+  });
+  auto gw = at::zeros({co, ci}, y.options());
+  auto gb = at::zeros({co}, y.options());
+  auto sg = at::zeros({ci}, y.options());
+  auto sgx = at::zeros({ci}, y.options());
+  float *pgw = gw.data_ptr<float>(), *pgb = gb.data_ptr<float>(), *psg = sg.data_ptr<float>(),
+        *psgx = sgx.data_ptr<float>();
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t i = 0; i < co * ci; ++i) pgw[i] += acc_w[p * co * ci + i];
+    for (int64_t i = 0; i < co; ++i) pgb[i] += acc_b[p * co + i];
+    for (int64_t i = 0; i < ci; ++i) { psg[i] += acc_g[p * ci + i]; psgx[i] += acc_gx[p * ci + i]; }
+  }
+  // second pass, in place: gy = a * gs + coef * (y - mean) + shift
+  const int64_t m = y.numel() / ci;
+  std::vector<float> scale(ci), coef(ci), shift(ci);
+  const float *pa = a.data_ptr<float>(), *pinv = invstd.data_ptr<float>();
+  for (int64_t k = 0; k < ci; ++k) {
+    scale[k] = pa[k];
+    coef[k] = batch_stats ? -pa[k] * pinv[k] * pinv[k] * psgx[k] / static_cast<float>(m) : 0.f;
+    shift[k] = batch_stats ? -pa[k] * psg[k] / static_cast<float>(m) : 0.f;
+  }
+  for (int64_t k = 0; k < ci; ++k) shift[k] -= coef[k] * pm[k];
+  dispatch_channels(ci, co, [&]<int CI, int CO>() {
+    if constexpr (CI > 0) {
+      second_pass<CI>(pgy, py, m, scale.data(), coef.data(), shift.data());
+    } else {
+      at::parallel_for(0, m, 2048, [&](int64_t v0, int64_t v1) {
+        for (int64_t v = v0; v < v1; ++v) {
+          float* out = pgy + v * ci;
+          const float* yv = py + v * ci;
+          for (int64_t k = 0; k < ci; ++k) out[k] = out[k] * scale[k] + coef[k] * yv[k] + shift[k];
+        }
+      });
+    }
+  });
+  return {gy, gw, gb, sg, sgx};
+}
+
+// Per-channel mean and biased variance of a [M, C] matrix (a channels-last tensor's memory), in one pass: sums of
+// x - x[0] and of its square (shifted by the first row, so a large mean does not cancel the variance), float over
+// runs of 64 rows, double beyond.
+std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(0) > 0,
+              "channel_stats: expected a contiguous float32 [M, C] matrix");
+  const int64_t m = x.size(0), c = x.size(1);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(m / 256 + 1, at::get_num_threads()));
+  std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
+  const float* px = x.data_ptr<float>();
+  std::vector<float> shift(px, px + c);
+  by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
+    // float partial sums over short runs of rows, folded into double accumulators
+    std::vector<float> f1(c), f2(c);
+    double* d1 = s1.data() + part * c;
+    double* d2 = s2.data() + part * c;
+    for (int64_t r = r0; r < r1; r += 64) {
+      const int64_t e = std::min(r1, r + 64);
+      std::fill(f1.begin(), f1.end(), 0.f);
+      std::fill(f2.begin(), f2.end(), 0.f);
+      for (int64_t i = r; i < e; ++i) {
+        const float* row = px + i * c;
+        for (int64_t k = 0; k < c; ++k) {
+          const float v = row[k] - shift[k];
+          f1[k] += v;
+          f2[k] += v * v;
+        }
+      }
+      for (int64_t k = 0; k < c; ++k) { d1[k] += f1[k]; d2[k] += f2[k]; }
+    }
+  });
+  auto mean = at::empty({c}, x.options());
+  auto var = at::empty({c}, x.options());
+  for (int64_t k = 0; k < c; ++k) {
+    double a = 0.0, b = 0.0;
+    for (int64_t p = 0; p < parts; ++p) { a += s1[p * c + k]; b += s2[p * c + k]; }
+    const double mu = a / m;
+    mean.data_ptr<float>()[k] = static_cast<float>(mu + shift[k]);
+    var.data_ptr<float>()[k] = static_cast<float>(std::max(0.0, b / m - mu * mu));
+  }
+  return {mean, var};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("encoder_tail_forward", &encoder_tail_forward, "U-Lite encoder tail forward (CPU)");
+  m.def("channel_stats", &channel_stats, "per-channel mean and biased variance of [M, C] (CPU)");
+  m.def("encoder_tail_backward", &encoder_tail_backward, "U-Lite encoder tail backward (CPU)");
+}
