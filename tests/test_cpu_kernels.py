@@ -137,7 +137,8 @@ def test_inputs_the_kernels_leave_to_the_stock_operators(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert encoder_tail(blk.norm, blk.pw, cl) is None
     wide = _block(2, 128, 256)
-    assert encoder_tail(wide.norm, wide.pw, torch.randn(2, 128, 4, 4).contiguous(memory_format=torch.channels_last)) is None
+    wide_x = torch.randn(2, 128, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert encoder_tail(wide.norm, wide.pw, wide_x) is None
     assert encoder_tail(torch.nn.InstanceNorm2d(16, affine=True), blk.pw, cl) is None
     monkeypatch.setenv("ULITE_CPU_KERNELS", "0")
     assert encoder_tail(blk.norm, blk.pw, cl) is None

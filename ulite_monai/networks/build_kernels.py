@@ -1,6 +1,7 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
-"""Build (or find in the cache) the fused CPU training kernels ahead of use: ``python -m ulite_monai.networks.build_kernels``
-(``-v`` shows the compiler's output). Exit status 1 if they could not be built (training still works, slower)."""
+"""Build (or find in the cache) the fused CPU training kernels ahead of use:
+``python -m ulite_monai.networks.build_kernels`` (``-v`` shows the compiler's output). Exit status 1 if they
+could not be built (training still works, slower)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,16 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
 """Fused CPU kernels for U-Lite training (C++, built on first use with ``torch.utils.cpp_extension``).
 
-The full-resolution stages of the 2D network (16-64 channels at 256^2 and 128^2 in the paper's configuration)
-are memory-bound on the CPU: every stock operator of an encoder's tail (batch norm, 1x1 conv, max-pool, each
-forward and backward) streams whole tensors through memory. :func:`encoder_tail` computes
-``pool(pw(norm(y)))`` and its backward in one pass each (see ``csrc/encoder_tail.cpp``); outputs, gradients
-and running-statistics updates match the stock operators up to float rounding.
+The full-resolution stages of U-Lite (16-64 channels at 256^2 and 128^2 in the paper's 2D configuration, 8-32
+channels in the 3D bundle) are memory-bound on the CPU: every stock operator of an encoder's tail (batch norm,
+1x1 conv, max-pool, each forward and backward) streams whole tensors through memory. :func:`encoder_tail`
+computes ``pool(pw(norm(y)))`` in one pass and its backward in two (see ``csrc/encoder_tail.cpp``); outputs,
+gradients and running-statistics updates match the stock operators up to float rounding.
 
 The extension is compiled once per machine into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``; about 45 s with a C++ compiler; ``python -m ulite_monai.networks.build_kernels``,
-run by ``make setup``'s ``kernels`` step, builds it ahead of use). Without a compiler, or with ``ULITE_CPU_KERNELS=0``, the stock operators run
-instead (one warning names the reason).
+``~/.cache/torch_extensions``; about 45 s with a C++ compiler). ``python -m ulite_monai.networks.build_kernels``
+builds it ahead of use (``make demo``/``make test`` run it). Without a compiler, or with ``ULITE_CPU_KERNELS=0``,
+the stock operators run instead (one warning names the reason).
 """
 
 from __future__ import annotations

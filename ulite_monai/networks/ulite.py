@@ -308,8 +308,9 @@ class ULite(nn.Module):
     stem as a 2D conv over depth windows (:func:`~ulite_monai.networks.axial.conv3d_by_planes`); outputs and
     gradients match the reference computation up to float rounding, in training and eval mode. ``"auto"``
     (default) picks by the input's device on every call: ``"merged"`` on the CPU, ``"views"`` on CUDA and other
-    devices, ``"reference"`` for 1D networks and under TorchScript. For inference, :func:`~ulite_monai.networks.fuse_ulite`
-    is faster still (BatchNorm folded).
+    devices, ``"reference"`` for 1D networks and under TorchScript. On the CPU the encoders' norm, 1x1 conv and
+    pooling run through fused C++ kernels where they apply (:mod:`ulite_monai.networks.cpu_kernels`). For inference,
+    :func:`~ulite_monai.networks.fuse_ulite` is faster still (BatchNorm folded).
 
     Args:
         spatial_dims: number of spatial dimensions (2 or 3; 1 works too).
