@@ -1,6 +1,6 @@
-"""The fused CPU encoder tail (``ulite_monai.networks.cpu_kernels``): batch norm, 1x1 conv and max-pool in one
-C++ pass each way, against PyTorch's stock operators: outputs, gradients, running statistics, tie-breaking of
-the max-pool, and the cases it leaves to the stock operators."""
+"""The fused CPU kernels (``ulite_monai.networks.cpu_kernels``) against PyTorch's stock operators: the encoder tail
+(batch norm, 1x1 conv and max-pool) and the decoder tail (1x1 conv and GELU); outputs, gradients, running
+statistics, tie-breaking of the max-pool, GELU accuracy, and the cases left to the stock operators."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import copy
 import pytest
 import torch
 
-from ulite_monai.networks import ULite, ULiteEncoderBlock
+import torch.nn.functional as F
+
+from ulite_monai.networks import ULite, ULiteDecoderBlock, ULiteEncoderBlock
 from ulite_monai.networks import cpu_kernels
-from ulite_monai.networks.cpu_kernels import encoder_tail, load_extension
+from ulite_monai.networks.cpu_kernels import encoder_tail, load_extension, pointwise_gelu
 
 
 def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEncoderBlock:
@@ -106,14 +108,15 @@ def test_max_pool_ties_and_gradients_go_to_the_first_voxel(dims):
 
 
 def test_a_network_step_is_the_same_with_and_without_the_fused_tail():
-    """ULite 2D (paper widths, first three stages fused) and 3D: same loss, same gradients for every parameter."""
+    """ULite 2D (paper widths: the first three encoders and the last three decoders fused) and 3D: same output,
+    same gradients for every parameter."""
     for net in (ULite(2, 3, 1, features=(16, 32, 64, 128)), ULite(3, 1, 2, features=(8, 16, 32))):
         torch.manual_seed(0)
         nd = net.spatial_dims
         x = torch.randn((2, net.in_channels) + (32,) * nd)
         twin = copy.deepcopy(net)
-        for enc in twin.encoders:
-            enc.fused_tail = False
+        for block in list(twin.encoders) + list(twin.decoders):
+            block.fused_tail = False
         outs = []
         for m in (net, twin):
             y = m(x)
@@ -154,3 +157,61 @@ def test_metatensor_batches_keep_their_type_through_the_fused_tail():
     z, s = blk(x)
     assert isinstance(z, MetaTensor) and isinstance(s, MetaTensor)
     assert s.meta["filename_or_obj"] == "case.nii.gz"
+
+
+@pytest.mark.parametrize("dims,channels,coarse", [(2, 16, (2, 32, 6, 10)), (3, 8, (2, 16, 4, 2, 6)),
+                                                  (2, 64, (2, 128, 2, 4)), (2, 32, (3, 64, 4, 4))])
+def test_fused_decoder_tail_matches_the_stock_operators(dims, channels, coarse):
+    torch.manual_seed(1)
+    fused = ULiteDecoderBlock(dims, 2 * channels, channels)
+    stock = copy.deepcopy(fused)
+    stock.fused_tail = False
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    x = (torch.randn(coarse) * 3).contiguous(memory_format=fmt)
+    skip = torch.randn((coarse[0], channels) + tuple(2 * s for s in coarse[2:])).contiguous(memory_format=fmt)
+    results = []
+    for block in (fused, stock):
+        xi, si = x.clone().requires_grad_(True), skip.clone().requires_grad_(True)
+        out = block(xi, si)
+        out.backward(torch.linspace(-2, 2, out.numel()).view(out.shape))
+        results.append((out, xi.grad, si.grad))
+    (oa, xa, sa), (ob, xb, sb) = results
+    assert oa.is_contiguous(memory_format=fmt)
+    assert (oa - ob).abs().max().item() < 2e-6
+    assert (xa - xb).abs().max().item() < 1e-5 * xb.abs().max().item() + 1e-6
+    assert (sa - sb).abs().max().item() < 1e-5 * sb.abs().max().item() + 1e-6
+    for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
+        # (pw.bias's gradient is zero up to rounding: batch norm follows that conv)
+        assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, name
+
+
+def test_fused_gelu_is_accurate_over_a_wide_range():
+    """The kernel's own GELU (exp and erf on vectors) against torch's exact GELU and its gradient from -12 to 12,
+    where the tails matter (x * Phi(x) must vanish smoothly, without cancellation)."""
+    torch.manual_seed(0)
+    pw = torch.nn.Conv2d(8, 8, 1)
+    with torch.no_grad():
+        pw.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+        pw.bias.zero_()
+    act = torch.nn.GELU()
+    x = torch.linspace(-12, 12, 8 * 2 * 25 * 25).view(2, 25, 25, 8).permute(0, 3, 1, 2)  # channels-last memory
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = pointwise_gelu(pw, act, xa)
+    yb = F.gelu(xb)
+    assert ya is not None
+    assert (ya - yb).abs().max().item() < 2e-6
+    ya.sum().backward()
+    yb.sum().backward()
+    assert (xa.grad - xb.grad).abs().max().item() < 2e-6
+
+
+def test_pointwise_gelu_leaves_other_layers_to_the_stock_operators():
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    square, act = torch.nn.Conv2d(16, 16, 1), torch.nn.GELU()
+    assert pointwise_gelu(square, act, x) is not None
+    assert pointwise_gelu(square, torch.nn.GELU(approximate="tanh"), x) is None
+    assert pointwise_gelu(square, torch.nn.ReLU(), x) is None
+    assert pointwise_gelu(torch.nn.Conv2d(16, 8, 1), act, x) is None
+    assert pointwise_gelu(square, act, x.contiguous()) is None  # NCHW
+    odd = torch.randn(2, 12, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert pointwise_gelu(torch.nn.Conv2d(12, 12, 1), act, odd) is None  # no compiled kernel for 12 channels

@@ -27,7 +27,7 @@ import torch
 
 from ulite_monai.networks.utils import channels_last_format
 
-__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "MAX_TAIL_CHANNELS"]
+__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "MAX_TAIL_CHANNELS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "encoder_tail.cpp"
 _LOCK = threading.Lock()
@@ -208,3 +208,62 @@ def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
     z = z5.permute(0, nd + 1, *range(1, nd + 1))
     skip = s5.permute(0, nd + 1, *range(1, nd + 1))
     return _like_input(z, y), _like_input(skip, y)
+
+
+class _PointwiseGelu(torch.autograd.Function):
+    """``gelu(rows @ weight^T + bias)`` for ``rows`` ``[M, C]`` (a channels-last tensor's memory); the backward
+    recomputes the pre-activation instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, ext):  # noqa: D102
+        w2 = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+        out = ext.pw_gelu_forward(rows, w2, bias.contiguous())
+        ctx.save_for_backward(rows, w2, bias)
+        ctx.flags = (ext, weight.shape)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        rows, w2, bias = ctx.saved_tensors
+        ext, wshape = ctx.flags
+        gx, gw, gb = ext.pw_gelu_backward(g.contiguous(), rows, w2, bias.contiguous())
+        return gx, gw.view(wshape), gb, None
+
+
+#: channel counts of the compiled 1x1 conv + GELU kernels (square weights: a decoder's second 1x1 conv)
+PW_GELU_CHANNELS = (8, 16, 32, 64)
+
+
+def pointwise_gelu(pw: torch.nn.Module, act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``act(pw(x))`` for a square 1x1 conv ``pw`` and an exact ``nn.GELU`` ``act`` through one fused kernel
+    each way (a decoder's last two operations); ``None`` where it does not apply (then run the stock operators):
+    as :func:`encoder_tail`, for channel counts in :data:`PW_GELU_CHANNELS`."""
+    nd = x.dim() - 2
+    c = x.shape[1]
+    if not (
+        nd in (2, 3)
+        and type(act) is torch.nn.GELU
+        and act.approximate == "none"
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and pw.weight.dtype == torch.float32
+        and pw.bias is not None
+        and c in PW_GELU_CHANNELS
+        and tuple(pw.weight.shape[:2]) == (c, c)
+        and all(k == 1 for k in pw.weight.shape[2:])
+        and x.is_contiguous(memory_format=channels_last_format(nd))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+    ):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    plain = _plain(x)
+    cl = plain.permute(0, *range(2, nd + 2), 1)  # [N, (D,) H, W, C]: a view of the channels-last memory
+    out = _PointwiseGelu.apply(cl.reshape(-1, c), pw.weight, pw.bias, ext)
+    out = out.view(cl.shape).permute(0, nd + 1, *range(1, nd + 1))
+    return _like_input(out, x)

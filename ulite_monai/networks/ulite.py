@@ -26,7 +26,7 @@ from ulite_monai.networks.axial import (
     resolve_axial_impl,
     upsample_add,
 )
-from ulite_monai.networks.cpu_kernels import encoder_tail
+from ulite_monai.networks.cpu_kernels import encoder_tail, pointwise_gelu
 from ulite_monai.networks.utils import channels_last_format, check_input, crop_to, pad_to_divisible
 
 __all__ = ["AxialDWConv", "ULiteEncoderBlock", "ULiteDecoderBlock", "ULiteBottleneck", "ULite"]
@@ -207,6 +207,9 @@ class ULiteDecoderBlock(nn.Module):
         self.dw = AxialDWConv(spatial_dims, out_channels, kernel_size, impl=axial_impl)
         self.pw2 = conv_type(out_channels, out_channels, kernel_size=1)
         self.act = get_act_layer(act)
+        #: run the second pointwise conv and the activation through one fused CPU kernel where it applies
+        #: (:func:`~ulite_monai.networks.cpu_kernels.pointwise_gelu`); False keeps the stock operators
+        self.fused_tail = True
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -226,7 +229,9 @@ class ULiteDecoderBlock(nn.Module):
         n_up = self.pw.in_channels - self.pw.out_channels  # a Python int, also under torch.compile
         w = self.pw.weight
         y = upsample_add(pointwise_conv(x, w[:, :n_up], self.pw.bias), pointwise_conv(skip, w[:, n_up:], None))
-        return self.act(_conv1x1(self.pw2, self.dw(batch_norm(self.norm, y))))
+        y = self.dw(batch_norm(self.norm, y))
+        fused = pointwise_gelu(self.pw2, self.act, y) if self.fused_tail else None
+        return fused if fused is not None else self.act(_conv1x1(self.pw2, y))
 
 
 class ULiteBottleneck(nn.Module):

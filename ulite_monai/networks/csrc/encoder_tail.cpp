@@ -430,8 +430,163 @@ std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
   return {mean, var};
 }
 
+// ------------------------------------------------------------------------------ 1x1 conv + GELU (decoder tail)
+
+// exp(x) on a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (relative error
+// below 2e-7), 2^n from the exponent bits.
+template <typename V>
+inline V vexp(V x) {
+  using I = decltype(x < x);
+  const V zero{};
+  x = x > zero + 88.0f ? zero + 88.0f : x;
+  x = x < zero - 87.0f ? zero - 87.0f : x;
+  const V t = x * 1.44269504f;
+  const I n = __builtin_convertvector(t + (t >= zero ? zero + 0.5f : zero - 0.5f), I);
+  const V nf = __builtin_convertvector(n, V);
+  const V r = x - nf * 0.693145751953125f - nf * 1.4286068203094172e-06f;
+  const V p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const I bits = (n + 127) << 23;
+  return p * reinterpret_cast<const V&>(bits);
+}
+
+// GELU(x) = x * Phi(x) and, if dy, its derivative Phi(x) + x * phi(x). Phi through erf by Abramowitz & Stegun
+// 7.1.26 (absolute error below 1.5e-7), computed without cancellation on either side of zero.
+template <typename V>
+inline V gelu(V x, V* dy) {
+  const V zero{};
+  const V u = x * 0.70710678118654752f;
+  const V au = u < zero ? -u : u;
+  const V t = 1.0f / (1.0f + 0.3275911f * au);
+  const V poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const V e = vexp(-au * au);  // exp(-x^2 / 2)
+  const V tail = 0.5f * poly * e;  // 1 - Phi(|x|)
+  const V cdf = u < zero ? tail : 1.0f - tail;
+  if (dy != nullptr) *dy = cdf + x * e * 0.39894228040143268f;
+  return x * cdf;
+}
+
+// out = gelu(x @ w^T + bias) over rows of [M, C] (C = CI = CO), P rows at a time for independent FMA chains; with
+// G (backward), recomputes the pre-activation and returns gx = (g * gelu') @ w, accumulating gw, gb.
+template <int C, int P, bool BACKWARD>
+inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ w,
+                         const float* __restrict__ bias, const float* __restrict__ g, float* __restrict__ out,
+                         float* __restrict__ gw, float* __restrict__ gb) {
+  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int NV = C / VW;
+  using V = typename Vec<VW>::type;
+  V h[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) h[p][v] = load<VW>(bias + v * VW);
+  for (int k = 0; k < C; ++k) {
+    V wk[NV];
+    for (int v = 0; v < NV; ++v) wk[v] = load<VW>(wt + k * C + v * VW);
+    for (int p = 0; p < P; ++p) {
+      const float xk = x[p * C + k];
+      for (int v = 0; v < NV; ++v) h[p][v] += xk * wk[v];
+    }
+  }
+  if constexpr (!BACKWARD) {
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) store<VW>(out + p * C + v * VW, gelu<V>(h[p][v], nullptr));
+  } else {
+    alignas(64) float gh[P][C];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) {
+        V d;
+        gelu<V>(h[p][v], &d);
+        const V ghv = load<VW>(g + p * C + v * VW) * d;
+        store<VW>(&gh[p][v * VW], ghv);
+        store<VW>(gb + v * VW, load<VW>(gb + v * VW) + ghv);
+      }
+    V gx[P][NV];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) gx[p][v] = V{};
+    for (int c = 0; c < C; ++c) {
+      V wc[NV], acc[NV];
+      for (int v = 0; v < NV; ++v) { wc[v] = load<VW>(w + c * C + v * VW); acc[v] = load<VW>(gw + c * C + v * VW); }
+      for (int p = 0; p < P; ++p) {
+        const float ghc = gh[p][c];
+        for (int v = 0; v < NV; ++v) {
+          gx[p][v] += ghc * wc[v];
+          acc[v] += ghc * load<VW>(x + p * C + v * VW);
+        }
+      }
+      for (int v = 0; v < NV; ++v) store<VW>(gw + c * C + v * VW, acc[v]);
+    }
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) store<VW>(out + p * C + v * VW, gx[p][v]);
+  }
+}
+
+template <int C, bool BACKWARD>
+void pw_gelu_all(int64_t m, const float* x, const float* wt, const float* w, const float* bias, const float* g,
+                 float* out, std::vector<float>& acc_w, std::vector<float>& acc_b, int64_t parts) {
+  by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
+    float* gw = BACKWARD ? acc_w.data() + part * C * C : nullptr;
+    float* gb = BACKWARD ? acc_b.data() + part * C : nullptr;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4)
+      pw_gelu_rows<C, 4, BACKWARD>(x + r * C, wt, w, bias, BACKWARD ? g + r * C : nullptr, out + r * C, gw, gb);
+    for (; r < r1; ++r)
+      pw_gelu_rows<C, 1, BACKWARD>(x + r * C, wt, w, bias, BACKWARD ? g + r * C : nullptr, out + r * C, gw, gb);
+  });
+}
+
+template <typename F>
+bool dispatch_square(int64_t c, const F& body) {
+  if (c == 8) { body.template operator()<8>(); return true; }
+  if (c == 16) { body.template operator()<16>(); return true; }
+  if (c == 32) { body.template operator()<32>(); return true; }
+  if (c == 64) { body.template operator()<64>(); return true; }
+  return false;
+}
+
+// gelu(x @ weight^T + bias) for x [M, C], weight [C, C] (C in 8, 16, 32, 64).
+at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && weight.is_contiguous() &&
+              weight.size(0) == x.size(1) && weight.size(1) == x.size(1) && bias.is_contiguous(),
+              "pw_gelu_forward: expected x [M, C] and a square weight [C, C]");
+  auto out = at::empty_like(x);
+  auto wt = weight.t().contiguous();
+  std::vector<float> none;
+  const int64_t m = x.size(0);
+  const bool ok = dispatch_square(x.size(1), [&]<int C>() {
+    pw_gelu_all<C, false>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
+                          bias.data_ptr<float>(), nullptr, out.data_ptr<float>(), none, none,
+                          num_parts(m / 256 + 1));
+  });
+  TORCH_CHECK(ok, "pw_gelu_forward: channels must be 8, 16, 32 or 64");
+  return out;
+}
+
+// Gradients of pw_gelu_forward: gx [M, C], gweight [C, C], gbias [C].
+std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& bias) {
+  TORCH_CHECK(g.is_contiguous() && g.sizes() == x.sizes() && x.is_contiguous(), "pw_gelu_backward: shapes");
+  const int64_t m = x.size(0), c = x.size(1);
+  const int64_t parts = num_parts(m / 256 + 1);
+  auto gx = at::empty_like(x);
+  auto wt = weight.t().contiguous();
+  std::vector<float> acc_w(parts * c * c, 0.f), acc_b(parts * c, 0.f);
+  const bool ok = dispatch_square(c, [&]<int C>() {
+    pw_gelu_all<C, true>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
+                         bias.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), acc_w, acc_b, parts);
+  });
+  TORCH_CHECK(ok, "pw_gelu_backward: channels must be 8, 16, 32 or 64");
+  auto gw = at::zeros({c, c}, x.options());
+  auto gb = at::zeros({c}, x.options());
+  float *pgw = gw.data_ptr<float>(), *pgb = gb.data_ptr<float>();
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t i = 0; i < c * c; ++i) pgw[i] += acc_w[p * c * c + i];
+    for (int64_t i = 0; i < c; ++i) pgb[i] += acc_b[p * c + i];
+  }
+  return {gx, gw, gb};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encoder_tail_forward", &encoder_tail_forward, "U-Lite encoder tail forward (CPU)");
+  m.def("pw_gelu_forward", &pw_gelu_forward, "gelu(1x1 conv) over [M, C] rows (CPU)");
+  m.def("pw_gelu_backward", &pw_gelu_backward, "gradients of pw_gelu_forward (CPU)");
   m.def("channel_stats", &channel_stats, "per-channel mean and biased variance of [M, C] (CPU)");
   m.def("encoder_tail_backward", &encoder_tail_backward, "U-Lite encoder tail backward (CPU)");
 }
