@@ -1,6 +1,6 @@
 """The fused CPU kernels (``ulite_monai.networks.cpu_kernels``) against PyTorch's stock operators: the encoder tail
-(batch norm, 1x1 conv and max-pool) and the decoder tail (1x1 conv and GELU); outputs, gradients, running
-statistics, tie-breaking of the max-pool, GELU accuracy, and the cases left to the stock operators."""
+(batch norm, 1x1 conv and max-pool), the decoder tail (1x1 conv and GELU) and the axial block; outputs, gradients,
+running statistics, tie-breaking of the max-pool, GELU accuracy, and the cases left to the stock operators."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 import torch.nn.functional as F
 
-from ulite_monai.networks import ULite, ULiteDecoderBlock, ULiteEncoderBlock
+from ulite_monai.networks import AxialDWConv, ULite, ULiteDecoderBlock, ULiteEncoderBlock
 from ulite_monai.networks import cpu_kernels
-from ulite_monai.networks.cpu_kernels import encoder_tail, load_extension, pointwise_gelu
+from ulite_monai.networks.cpu_kernels import axial_conv, encoder_tail, load_extension, pointwise_gelu
 
 
 def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEncoderBlock:
@@ -108,8 +108,8 @@ def test_max_pool_ties_and_gradients_go_to_the_first_voxel(dims):
 
 
 def test_a_network_step_is_the_same_with_and_without_the_fused_tail():
-    """ULite 2D (paper widths: the first three encoders and the last three decoders fused) and 3D: same output,
-    same gradients for every parameter."""
+    """ULite 2D (paper widths: the first three encoders, the last three decoders and the axial blocks of up to 64
+    channels fused) and 3D: same output, same gradients for every parameter, against the stock operators."""
     for net in (ULite(2, 3, 1, features=(16, 32, 64, 128)), ULite(3, 1, 2, features=(8, 16, 32))):
         torch.manual_seed(0)
         nd = net.spatial_dims
@@ -117,6 +117,9 @@ def test_a_network_step_is_the_same_with_and_without_the_fused_tail():
         twin = copy.deepcopy(net)
         for block in list(twin.encoders) + list(twin.decoders):
             block.fused_tail = False
+        for m in twin.modules():
+            if isinstance(m, AxialDWConv):
+                m.fused_cpu = False
         outs = []
         for m in (net, twin):
             y = m(x)
@@ -215,3 +218,53 @@ def test_pointwise_gelu_leaves_other_layers_to_the_stock_operators():
     assert pointwise_gelu(square, act, x.contiguous()) is None  # NCHW
     odd = torch.randn(2, 12, 4, 4).contiguous(memory_format=torch.channels_last)
     assert pointwise_gelu(torch.nn.Conv2d(12, 12, 1), act, odd) is None  # no compiled kernel for 12 channels
+
+
+@pytest.mark.parametrize("dims,channels,k,dilation,shape", [
+    (2, 16, 7, 1, (2, 16, 10, 12)),  # encoder / decoder blocks
+    (3, 8, 7, 1, (2, 8, 6, 8, 10)),
+    (2, 32, 3, 2, (2, 32, 6, 6)),  # bottleneck branches (dilated 3-tap)
+    (3, 16, 3, 3, (1, 16, 4, 6, 8)),  # dilation reaching past small sizes
+    (2, 64, 7, 1, (1, 64, 4, 9)),  # fewer rows than taps, odd width
+])
+def test_fused_axial_block_matches_the_oneDNN_convolutions(dims, channels, k, dilation, shape):
+    torch.manual_seed(2)
+    fused = AxialDWConv(dims, channels, k, dilation=dilation)
+    with torch.no_grad():
+        for conv in fused.convs:
+            conv.bias.uniform_(-1, 1)
+            conv.weight.mul_(3)
+    stock = copy.deepcopy(fused)
+    stock.fused_cpu = False
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    results = []
+    for block in (fused, stock):
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        results.append((out, xi.grad))
+    (oa, ga), (ob, gb) = results
+    assert oa.is_contiguous(memory_format=fmt)
+    assert (oa - ob).abs().max().item() < 1e-5
+    assert (ga - gb).abs().max().item() < 1e-5
+    for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
+        assert (pa.grad - pb.grad).abs().max().item() < 1e-5 * pb.grad.abs().max().item() + 1e-6, name
+    with torch.no_grad():  # inference (no autograd graph) takes the kernel too
+        assert (fused(x) - ob).abs().max().item() < 1e-5
+
+
+def test_axial_conv_leaves_other_blocks_to_the_stock_operators():
+    block = AxialDWConv(2, 16, 7)
+    weights = [c.weight for c in block.convs]
+    biases = [c.bias for c in block.convs]
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert axial_conv(x, weights, biases, [1, 1]) is not None
+    assert axial_conv(x.contiguous(), weights, biases, [1, 1]) is None  # NCHW
+    assert axial_conv(x, weights, biases, [1, 2]) is None  # per-axis dilations differ
+    assert axial_conv(x.double(), [w.double() for w in weights], biases, [1, 1]) is None
+    wide = AxialDWConv(2, 128, 7)
+    xw = torch.randn(1, 128, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert axial_conv(xw, [c.weight for c in wide.convs], [c.bias for c in wide.convs], [1, 1]) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert axial_conv(x, weights, biases, [1, 1]) is None

@@ -27,7 +27,7 @@ import torch
 
 from ulite_monai.networks.utils import channels_last_format
 
-__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "MAX_TAIL_CHANNELS"]
+__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "MAX_TAIL_CHANNELS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "encoder_tail.cpp"
 _LOCK = threading.Lock()
@@ -267,3 +267,77 @@ def pointwise_gelu(pw: torch.nn.Module, act: torch.nn.Module, x: torch.Tensor) -
     out = _PointwiseGelu.apply(cl.reshape(-1, c), pw.weight, pw.bias, ext)
     out = out.view(cl.shape).permute(0, nd + 1, *range(1, nd + 1))
     return _like_input(out, x)
+
+
+class _AxialConv(torch.autograd.Function):
+    """``x + bias + sum_axis dwconv_axis(x)`` for ``x`` ``[N, D, H, W, C]`` and taps ``[A, K, C]``; the input gradient
+    is the same block with the taps reversed (odd kernels, "same" zero padding) and no bias."""
+
+    @staticmethod
+    def forward(ctx, x5, bias, dilation, ext, shapes, *weights):  # noqa: D102
+        c = x5.shape[-1]
+        taps = torch.stack([w.reshape(c, -1) for w in weights]).transpose(1, 2).contiguous()  # [A, K, C]
+        out = ext.axial_forward(x5, taps, bias.contiguous(), dilation)
+        ctx.save_for_backward(x5, taps)
+        ctx.flags = (dilation, ext, shapes)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        x5, taps = ctx.saved_tensors
+        dilation, ext, shapes = ctx.flags
+        g = g.contiguous()
+        need = ctx.needs_input_grad
+        gx = None
+        if need[0]:
+            gx = ext.axial_forward(g, taps.flip(1).contiguous(), torch.zeros(x5.shape[-1], dtype=x5.dtype), dilation)
+        gw, gb = ext.axial_weight_grad(g, x5, taps.shape[0], taps.shape[1], dilation)
+        grads_w = [gw[a].t().reshape(shape) for a, shape in enumerate(shapes)]
+        return (gx, gb, None, None, None, *grads_w)
+
+
+#: channel counts of the compiled axial-block kernels
+AXIAL_CHANNELS = (8, 16, 32, 64)
+
+
+def axial_conv(x: torch.Tensor, weights, biases, dilations) -> torch.Tensor | None:
+    """U-Lite's axial block ``x + sum_axis dwconv_axis(x)`` (per-axis depthwise weights ``(C, 1, ..., K, ...)``,
+    biases, one dilation for all axes) in one pass forward and two backward (input gradient; weight and bias
+    gradients), channels-last; ``None`` where it does not apply (then run :func:`~ulite_monai.networks.axial.
+    axial_merged`): as :func:`encoder_tail`, for channel counts in :data:`AXIAL_CHANNELS`."""
+    nd = x.dim() - 2
+    if nd not in (2, 3) or len(weights) != nd:
+        return None
+    c = x.shape[1]
+    k = weights[0].shape[2]
+    if not (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and c in AXIAL_CHANNELS
+        and len(set(int(d) for d in dilations)) == 1
+        and k % 2 == 1
+        and k <= 15
+        and all(w.dtype == torch.float32 and w.shape[0] == c and w.numel() == c * k for w in weights)
+        and all(b is None or b.dtype == torch.float32 for b in biases)
+        and x.is_contiguous(memory_format=channels_last_format(nd))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+    ):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    bias = torch.zeros(c, dtype=x.dtype)
+    for b in biases:
+        if b is not None:
+            bias = bias + b
+    plain = _plain(x)
+    cl = plain.permute(0, *range(2, nd + 2), 1)
+    x5 = cl if nd == 3 else cl.unsqueeze(1)
+    out = _AxialConv.apply(x5, bias, int(dilations[0]), ext, tuple(w.shape for w in weights), *weights)
+    if nd == 2:
+        out = out.squeeze(1)
+    return _like_input(out.permute(0, nd + 1, *range(1, nd + 1)), x)

@@ -26,7 +26,7 @@ from ulite_monai.networks.axial import (
     resolve_axial_impl,
     upsample_add,
 )
-from ulite_monai.networks.cpu_kernels import encoder_tail, pointwise_gelu
+from ulite_monai.networks.cpu_kernels import axial_conv, encoder_tail, pointwise_gelu
 from ulite_monai.networks.utils import channels_last_format, check_input, crop_to, pad_to_divisible
 
 __all__ = ["AxialDWConv", "ULiteEncoderBlock", "ULiteDecoderBlock", "ULiteBottleneck", "ULite"]
@@ -81,6 +81,9 @@ class AxialDWConv(nn.Module):
             )
             for axis in range(spatial_dims)
         )
+        #: on the CPU ("merged"), run the block through the fused C++ kernel where it applies
+        #: (:func:`~ulite_monai.networks.cpu_kernels.axial_conv`); False keeps the oneDNN convolutions
+        self.fused_cpu = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -108,6 +111,10 @@ class AxialDWConv(nn.Module):
             from ulite_monai.networks.triton_axial import axial_triton
 
             return axial_triton(x, weights, biases, dilations)
+        if self.fused_cpu:
+            out = axial_conv(x, weights, biases, dilations)
+            if out is not None:
+                return out
         return axial_merged(x, weights, biases, dilations, custom_backward=self.training)
 
 

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -583,10 +584,184 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
   return {gx, gw, gb};
 }
 
+// ---------------------------------------------------------------------------------- axial depthwise convolution
+
+// out = x + bias + sum over axes a and taps t of w[a][t] * x shifted by (t - K/2) * dilation along a, zero outside
+// (U-Lite's axial block: the identity plus one K-tap depthwise conv per axis). x [N, D, H, W, C] contiguous; the
+// axes are (D,) H, W; w [A, K, C]. Voxel by voxel with the channels in vector registers; the rows that the D and H
+// taps read stay in the CPU caches while a row is computed.
+template <int C>
+void axial_forward_rows(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                        float* __restrict__ out, int64_t n, int64_t d, int64_t h, int64_t wd, int64_t k,
+                        int64_t dil, bool three_d, int64_t r0, int64_t r1) {
+  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int NV = C / VW;
+  using V = typename Vec<VW>::type;
+  const int64_t a_count = three_d ? 3 : 2, half = k / 2;
+  std::vector<const float*> src(2 * k);
+  std::vector<V> wv(a_count * k * NV);
+  for (int64_t i = 0; i < a_count * k; ++i)
+    for (int v = 0; v < NV; ++v) wv[i * NV + v] = load<VW>(w + i * C + v * VW);
+  V bv[NV];
+  for (int v = 0; v < NV; ++v) bv[v] = load<VW>(bias + v * VW);
+  const int64_t row_len = wd * C;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t hy = row % h, dz = (row / h) % d, b = row / (h * d);
+    const float* xr = x + row * row_len;
+    float* orow = out + row * row_len;
+    // taps along D then H: the source row, or null outside the volume
+    int64_t ntap = 0;
+    const V* taps_w[32];
+    if (three_d) {
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t z = dz + (t - half) * dil;
+        if (z < 0 || z >= d) continue;
+        src[ntap] = x + ((b * d + z) * h + hy) * row_len;
+        taps_w[ntap++] = &wv[(0 * k + t) * NV];
+      }
+    }
+    const int64_t ah = three_d ? 1 : 0;
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t y = hy + (t - half) * dil;
+      if (y < 0 || y >= h) continue;
+      src[ntap] = x + ((b * d + dz) * h + y) * row_len;
+      taps_w[ntap++] = &wv[(ah * k + t) * NV];
+    }
+    const V* ww = &wv[(ah + 1) * k * NV];
+    const int64_t reach = half * dil;
+    auto voxel = [&](int64_t xi, auto interior) {
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = load<VW>(xr + xi * C + v * VW) + bv[v];
+      for (int64_t j = 0; j < ntap; ++j) {
+        const float* sp = src[j] + xi * C;
+        for (int v = 0; v < NV; ++v) acc[v] += taps_w[j][v] * load<VW>(sp + v * VW);
+      }
+      const float* base = xr + (xi - reach) * C;
+      for (int64_t t = 0; t < k; ++t) {
+        if constexpr (!decltype(interior)::value) {
+          const int64_t xx = xi + (t - half) * dil;
+          if (xx < 0 || xx >= wd) continue;
+        }
+        for (int v = 0; v < NV; ++v) acc[v] += ww[t * NV + v] * load<VW>(base + t * dil * C + v * VW);
+      }
+      for (int v = 0; v < NV; ++v) store<VW>(orow + xi * C + v * VW, acc[v]);
+    };
+    const int64_t lo = std::min(reach, wd), hi = std::max(lo, wd - reach);
+    for (int64_t xi = 0; xi < lo; ++xi) voxel(xi, std::false_type{});
+    for (int64_t xi = lo; xi < hi; ++xi) voxel(xi, std::true_type{});
+    for (int64_t xi = hi; xi < wd; ++xi) voxel(xi, std::false_type{});
+  }
+}
+
+// sum over i < count of a[i * C .. ] * b[i * C .. ] per channel, four partial sums for independent FMA chains
+template <int C>
+inline void dot_rows(const float* __restrict__ a, const float* __restrict__ b, int64_t count, float* __restrict__ acc) {
+  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int NV = C / VW;
+  using V = typename Vec<VW>::type;
+  V s[4][NV];
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < NV; ++v) s[u][v] = V{};
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4)
+    for (int u = 0; u < 4; ++u)
+      for (int v = 0; v < NV; ++v) s[u][v] += load<VW>(a + (i + u) * C + v * VW) * load<VW>(b + (i + u) * C + v * VW);
+  for (; i < count; ++i)
+    for (int v = 0; v < NV; ++v) s[0][v] += load<VW>(a + i * C + v * VW) * load<VW>(b + i * C + v * VW);
+  for (int v = 0; v < NV; ++v) store<VW>(acc + v * VW, load<VW>(acc + v * VW) + ((s[0][v] + s[1][v]) + (s[2][v] + s[3][v])));
+}
+
+// weight gradients: gw[a][t] += sum over voxels of g * x shifted as in the forward; gb += sum of g
+template <int C>
+void axial_weight_grad_rows(const float* __restrict__ g, const float* __restrict__ x, float* __restrict__ gw,
+                            float* __restrict__ gb, int64_t d, int64_t h, int64_t wd, int64_t k, int64_t dil,
+                            bool three_d, int64_t r0, int64_t r1, const float* ones) {
+  const int64_t half = k / 2, row_len = wd * C;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t hy = row % h, dz = (row / h) % d, b = row / (h * d);
+    const float* gr = g + row * row_len;
+    const float* xr = x + row * row_len;
+    dot_rows<C>(gr, ones, wd, gb);
+    const int64_t ah = three_d ? 1 : 0;
+    if (three_d)
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t z = dz + (t - half) * dil;
+        if (z >= 0 && z < d) dot_rows<C>(gr, x + ((b * d + z) * h + hy) * row_len, wd, gw + (0 * k + t) * C);
+      }
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t y = hy + (t - half) * dil;
+      if (y >= 0 && y < h) dot_rows<C>(gr, x + ((b * d + dz) * h + y) * row_len, wd, gw + (ah * k + t) * C);
+    }
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t s = (t - half) * dil;  // out[xi] reads x[xi + s]
+      const int64_t lo = std::max<int64_t>(0, -s), hi = std::min<int64_t>(wd, wd - s);
+      if (hi > lo) dot_rows<C>(gr + lo * C, xr + (lo + s) * C, hi - lo, gw + ((ah + 1) * k + t) * C);
+    }
+  }
+}
+
+template <typename F>
+bool dispatch_axial_channels(int64_t c, const F& body) {
+  if (c == 8) { body.template operator()<8>(); return true; }
+  if (c == 16) { body.template operator()<16>(); return true; }
+  if (c == 32) { body.template operator()<32>(); return true; }
+  if (c == 64) { body.template operator()<64>(); return true; }
+  return false;
+}
+
+// x [N, D, H, W, C]; w [A, K, C] (A = 3: D, H, W taps; A = 2: H, W); bias [C]. Also the input gradient, called
+// with the gradient as x, the taps reversed and a zero bias.
+at::Tensor axial_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t dil) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && x.scalar_type() == at::kFloat && w.dim() == 3 &&
+              w.is_contiguous() && w.size(2) == x.size(4) && bias.is_contiguous() && bias.numel() == x.size(4),
+              "axial_forward: expected x [N, D, H, W, C], w [A, K, C], bias [C]");
+  const bool three_d = w.size(0) == 3;
+  const int64_t n = x.size(0), d = x.size(1), h = x.size(2), wd = x.size(3), k = w.size(1);
+  TORCH_CHECK(k % 2 == 1 && 2 * k <= 32, "axial_forward: odd kernel of at most 15 taps");
+  auto out = at::empty_like(x);
+  const int64_t rows = n * d * h;
+  const bool ok = dispatch_axial_channels(x.size(4), [&]<int C>() {
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      axial_forward_rows<C>(x.data_ptr<float>(), w.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(),
+                            n, d, h, wd, k, dil, three_d, r0, r1);
+    });
+  });
+  TORCH_CHECK(ok, "axial_forward: channels must be 8, 16, 32 or 64");
+  return out;
+}
+
+// Gradients of the axial weights [A, K, C] and of the (summed) bias [C], from the output gradient g and input x.
+std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor& x, int64_t a_count, int64_t k,
+                                          int64_t dil) {
+  TORCH_CHECK(g.is_contiguous() && x.is_contiguous() && g.sizes() == x.sizes() && x.dim() == 5,
+              "axial_weight_grad: shapes");
+  const int64_t d = x.size(1), h = x.size(2), wd = x.size(3), c = x.size(4);
+  const int64_t rows = x.size(0) * d * h;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  std::vector<float> acc_w(parts * a_count * k * c, 0.f), acc_b(parts * c, 0.f), ones(wd * c, 1.f);
+  const bool ok = dispatch_axial_channels(c, [&]<int C>() {
+    by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
+      axial_weight_grad_rows<C>(g.data_ptr<float>(), x.data_ptr<float>(), acc_w.data() + part * a_count * k * C,
+                                acc_b.data() + part * C, d, h, wd, k, dil, a_count == 3, r0, r1, ones.data());
+    });
+  });
+  TORCH_CHECK(ok, "axial_weight_grad: channels must be 8, 16, 32 or 64");
+  auto gw = at::zeros({a_count, k, c}, x.options());
+  auto gb = at::zeros({c}, x.options());
+  float *pgw = gw.data_ptr<float>(), *pgb = gb.data_ptr<float>();
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t i = 0; i < a_count * k * c; ++i) pgw[i] += acc_w[p * a_count * k * c + i];
+    for (int64_t i = 0; i < c; ++i) pgb[i] += acc_b[p * c + i];
+  }
+  return {gw, gb};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encoder_tail_forward", &encoder_tail_forward, "U-Lite encoder tail forward (CPU)");
   m.def("pw_gelu_forward", &pw_gelu_forward, "gelu(1x1 conv) over [M, C] rows (CPU)");
   m.def("pw_gelu_backward", &pw_gelu_backward, "gradients of pw_gelu_forward (CPU)");
+  m.def("axial_forward", &axial_forward, "U-Lite axial depthwise block (identity + K taps per axis) (CPU)");
+  m.def("axial_weight_grad", &axial_weight_grad, "weight and bias gradients of axial_forward (CPU)");
   m.def("channel_stats", &channel_stats, "per-channel mean and biased variance of [M, C] (CPU)");
   m.def("encoder_tail_backward", &encoder_tail_backward, "U-Lite encoder tail backward (CPU)");
 }
