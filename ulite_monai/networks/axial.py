@@ -21,6 +21,10 @@ compute the same function; they differ in how the work is laid out for the convo
   backward (:mod:`ulite_monai.networks.triton_axial`); CUDA devices, or the CPU under ``TRITON_INTERPRET=1``.
 - ``"auto"``: ``"merged"`` on the CPU, ``"views"`` on other devices (CUDA), ``"reference"`` in 1D.
 
+On the CPU, :class:`~ulite_monai.networks.AxialDWConv` with ``"merged"`` hands blocks of 8-64 float32 channels to
+the fused C++ kernel :func:`ulite_monai.networks.cpu_kernels.axial_conv` (same function, faster backward) and
+uses :func:`axial_merged` for the rest.
+
 See ``docs/benchmarks/benchmark.md`` (section "Training step") for the measurements behind these choices and
 ``python -m ulite_monai.bench --modes train --train-models ulite ulite-reference monai-unet`` to measure
 them on your hardware.
