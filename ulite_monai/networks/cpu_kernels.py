@@ -133,6 +133,22 @@ class _EncoderTail(torch.autograd.Function):
         return gy, sum_gx * invstd, sum_g, gw.view(wshape), gb, None, None, None, None, None
 
 
+def _eager_cpu_float32_channels_last(x: torch.Tensor) -> bool:
+    """What every kernel here needs of its input: a float32 CPU tensor in channels-last memory, in eager mode
+    (not under autocast, ``torch.compile``, TorchScript or tracing)."""
+    nd = x.dim() - 2
+    return (
+        nd in (2, 3)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous(memory_format=channels_last_format(nd))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+    )
+
+
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
 
@@ -163,17 +179,11 @@ def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
         nd in (2, 3)
         and cls is (torch.nn.BatchNorm2d if nd == 2 else torch.nn.BatchNorm3d)
         and norm.affine
-        and y.device.type == "cpu"
-        and y.dtype == torch.float32
         and pw.weight.dtype == torch.float32
         and pw.bias is not None
         and 1 < y.shape[1] <= MAX_TAIL_CHANNELS
         and all(s % 2 == 0 for s in y.shape[2:])
-        and y.is_contiguous(memory_format=channels_last_format(nd))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
+        and _eager_cpu_float32_channels_last(y)
     ):
         return None
     ext = load_extension()
@@ -245,18 +255,12 @@ def pointwise_gelu(pw: torch.nn.Module, act: torch.nn.Module, x: torch.Tensor) -
         nd in (2, 3)
         and type(act) is torch.nn.GELU
         and act.approximate == "none"
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
         and pw.weight.dtype == torch.float32
         and pw.bias is not None
         and c in PW_GELU_CHANNELS
         and tuple(pw.weight.shape[:2]) == (c, c)
         and all(k == 1 for k in pw.weight.shape[2:])
-        and x.is_contiguous(memory_format=channels_last_format(nd))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
+        and _eager_cpu_float32_channels_last(x)
     ):
         return None
     ext = load_extension()
@@ -312,19 +316,13 @@ def axial_conv(x: torch.Tensor, weights, biases, dilations) -> torch.Tensor | No
     c = x.shape[1]
     k = weights[0].shape[2]
     if not (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and c in AXIAL_CHANNELS
+        c in AXIAL_CHANNELS
         and len(set(int(d) for d in dilations)) == 1
         and k % 2 == 1
         and k <= 15
         and all(w.dtype == torch.float32 and w.shape[0] == c and w.numel() == c * k for w in weights)
         and all(b is None or b.dtype == torch.float32 for b in biases)
-        and x.is_contiguous(memory_format=channels_last_format(nd))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
+        and _eager_cpu_float32_channels_last(x)
     ):
         return None
     ext = load_extension()
