@@ -2,10 +2,15 @@
 """Fused CPU kernels for U-Lite training (C++, built on first use with ``torch.utils.cpp_extension``).
 
 The full-resolution stages of U-Lite (16-64 channels at 256^2 and 128^2 in the paper's 2D configuration, 8-32
-channels in the 3D bundle) are memory-bound on the CPU: every stock operator of an encoder's tail (batch norm,
-1x1 conv, max-pool, each forward and backward) streams whole tensors through memory. :func:`encoder_tail`
-computes ``pool(pw(norm(y)))`` in one pass and its backward in two (see ``csrc/encoder_tail.cpp``); outputs,
-gradients and running-statistics updates match the stock operators up to float rounding.
+channels in the 3D bundle) are memory-bound on the CPU, where every stock operator streams whole tensors through
+memory. Three kernels (``csrc/cpu_kernels.cpp``) each replace a chain of them, forward and backward:
+
+- :func:`encoder_tail`: an encoder's ``pool(pw(norm(y)))`` and the skip ``norm(y)``;
+- :func:`pointwise_gelu`: a decoder's ``gelu(pw2(x))``;
+- :func:`axial_conv`: the axial block ``x + sum_axis dwconv_axis(x)``.
+
+Outputs, gradients and running-statistics updates match the stock operators up to float rounding; each function
+returns ``None`` where its kernel does not apply, and the caller runs the stock operators.
 
 The extension is compiled once per machine into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``; about 45 s with a C++ compiler). ``python -m ulite_monai.networks.build_kernels``
@@ -27,17 +32,16 @@ import torch
 
 from ulite_monai.networks.utils import channels_last_format
 
-__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "MAX_TAIL_CHANNELS"]
+__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "MAX_TAIL_CHANNELS",
+           "PW_GELU_CHANNELS", "AXIAL_CHANNELS"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "encoder_tail.cpp"
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
 #: Encoder stages with more input channels than this keep the stock operators: there the 1x1 conv is
 #: compute-bound and oneDNN's blocked kernels beat the fused loop.
 MAX_TAIL_CHANNELS = 64
-
-_BUILD_REV = b"2"  # bump when the build flags change
 
 
 def _cpu_tag() -> str:
@@ -85,13 +89,13 @@ def load_extension(verbose: bool = False):
 
             _ninja_on_path()
 
-            source = _SOURCE.read_bytes()
-            tag = hashlib.sha1(source + _cpu_tag().encode() + torch.__version__.encode() + _BUILD_REV).hexdigest()[:12]
             # OpenMP: ATen's parallel_for is inline code that runs serially unless compiled with it (the library
             # resolves to the libgomp already loaded with torch)
             flags = ["-O3", "-fno-math-errno", "-fopenmp"]
             if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
                 flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+            key = [_SOURCE.read_bytes(), _cpu_tag().encode(), torch.__version__.encode(), " ".join(flags).encode()]
+            tag = hashlib.sha1(b"\0".join(key)).hexdigest()[:12]
             module = load(name=f"ulite_cpu_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags,
                           extra_ldflags=["-fopenmp"], verbose=verbose)
         except Exception as e:  # no compiler, no headers, a failed build: the stock operators still work

@@ -1,14 +1,19 @@
 // Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
 //
-// U-Lite's encoder tail on the CPU, fused: batch-norm affine -> 1x1 conv -> max-pool 2, forward and backward,
-// for channels-last float32 tensors viewed as [N, D, H, W, C] (D == 1 in 2D). The stock operators each make a
-// full-resolution pass (normalise, conv, pool; their backwards zero-fill and scatter full-resolution gradients);
-// here the 1x1 conv's output only ever lives in a per-thread buffer of the rows that one pooling window
-// covers, and the backward visits, per pooled value, only the voxel that won the maximum.
+// U-Lite's fused CPU training kernels (ulite_monai/networks/cpu_kernels.py), for channels-last float32 tensors
+// viewed as [N, D, H, W, C] (D == 1 in 2D):
+// - the encoder tail: batch-norm affine -> 1x1 conv -> max-pool 2, forward and backward. The 1x1 conv's output only
+//   ever lives in a per-thread buffer of the rows that one pooling window covers; the backward rebuilds, per window,
+//   the conv output's gradient (zero but at each maximum) and multiplies it out densely for the compiled channel
+//   pairs (a sparse scatter per maximum for the others);
+// - the decoder tail: 1x1 conv -> exact GELU, one pass each way, the pre-activation recomputed in the backward;
+// - the axial block: identity plus K taps along every axis, the input gradient being the same kernel with the
+//   taps reversed, and the weight and bias gradients one more pass;
+// - per-channel statistics for the batch norm.
 //
-// Layout names: Ci input channels (the skip), Co output channels, R rows per pooling group (2 in 2D, 4 in 3D),
-// a "window" is the 2R voxels that one pooled value is taken over, numbered j = r * 2 + dw in the order PyTorch's
-// max-pool scans them (so ties and NaNs pick the same voxel).
+// Encoder-tail names: Ci input channels (the skip), Co output channels, R rows per pooling group (2 in 2D, 4 in
+// 3D), a "window" is the 2R voxels that one pooled value is taken over, numbered j = r * 2 + dw in the order
+// PyTorch's max-pool scans them (so ties and NaNs pick the same voxel).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -68,6 +73,16 @@ void by_parts(int64_t total, int64_t parts, const F& f) {
 }
 
 int64_t num_parts(int64_t groups) { return std::max<int64_t>(1, std::min<int64_t>(groups, at::get_num_threads())); }
+
+// The per-part partial sums acc [parts, shape] added up into a new float tensor of `shape`.
+at::Tensor sum_parts(const std::vector<float>& acc, int64_t parts, at::IntArrayRef shape, const at::TensorOptions& opt) {
+  auto out = at::zeros(shape, opt);
+  float* o = out.data_ptr<float>();
+  const int64_t n = out.numel();
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t i = 0; i < n; ++i) o[i] += acc[p * n + i];
+  return out;
+}
 
 }  // namespace
 
@@ -351,17 +366,11 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
                               acc_b.data() + part * co, acc_g.data() + part * ci, acc_gx.data() + part * ci);
     });
   });
-  auto gw = at::zeros({co, ci}, y.options());
-  auto gb = at::zeros({co}, y.options());
-  auto sg = at::zeros({ci}, y.options());
-  auto sgx = at::zeros({ci}, y.options());
-  float *pgw = gw.data_ptr<float>(), *pgb = gb.data_ptr<float>(), *psg = sg.data_ptr<float>(),
-        *psgx = sgx.data_ptr<float>();
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t i = 0; i < co * ci; ++i) pgw[i] += acc_w[p * co * ci + i];
-    for (int64_t i = 0; i < co; ++i) pgb[i] += acc_b[p * co + i];
-    for (int64_t i = 0; i < ci; ++i) { psg[i] += acc_g[p * ci + i]; psgx[i] += acc_gx[p * ci + i]; }
-  }
+  auto gw = sum_parts(acc_w, parts, {co, ci}, y.options());
+  auto gb = sum_parts(acc_b, parts, {co}, y.options());
+  auto sg = sum_parts(acc_g, parts, {ci}, y.options());
+  auto sgx = sum_parts(acc_gx, parts, {ci}, y.options());
+  const float *psg = sg.data_ptr<float>(), *psgx = sgx.data_ptr<float>();
   // second pass, in place: gy = a * gs + coef * (y - mean) + shift
   const int64_t m = y.numel() / ci;
   std::vector<float> scale(ci), coef(ci), shift(ci);
@@ -574,14 +583,7 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
                          bias.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), acc_w, acc_b, parts);
   });
   TORCH_CHECK(ok, "pw_gelu_backward: channels must be 8, 16, 32 or 64");
-  auto gw = at::zeros({c, c}, x.options());
-  auto gb = at::zeros({c}, x.options());
-  float *pgw = gw.data_ptr<float>(), *pgb = gb.data_ptr<float>();
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t i = 0; i < c * c; ++i) pgw[i] += acc_w[p * c * c + i];
-    for (int64_t i = 0; i < c; ++i) pgb[i] += acc_b[p * c + i];
-  }
-  return {gx, gw, gb};
+  return {gx, sum_parts(acc_w, parts, {c, c}, x.options()), sum_parts(acc_b, parts, {c}, x.options())};
 }
 
 // ---------------------------------------------------------------------------------- axial depthwise convolution
@@ -746,14 +748,7 @@ std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor&
     });
   });
   TORCH_CHECK(ok, "axial_weight_grad: channels must be 8, 16, 32 or 64");
-  auto gw = at::zeros({a_count, k, c}, x.options());
-  auto gb = at::zeros({c}, x.options());
-  float *pgw = gw.data_ptr<float>(), *pgb = gb.data_ptr<float>();
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t i = 0; i < a_count * k * c; ++i) pgw[i] += acc_w[p * a_count * k * c + i];
-    for (int64_t i = 0; i < c; ++i) pgb[i] += acc_b[p * c + i];
-  }
-  return {gw, gb};
+  return {sum_parts(acc_w, parts, {a_count, k, c}, x.options()), sum_parts(acc_b, parts, {c}, x.options())};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
