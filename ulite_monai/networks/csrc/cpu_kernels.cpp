@@ -542,8 +542,10 @@ void pw_gelu_all(int64_t m, const float* x, const float* wt, const float* w, con
   });
 }
 
+// Calls body.template operator()<C>() for the channel counts with compiled kernels (the decoder tail and the axial
+// block); false for the others.
 template <typename F>
-bool dispatch_square(int64_t c, const F& body) {
+bool dispatch_channel_count(int64_t c, const F& body) {
   if (c == 8) { body.template operator()<8>(); return true; }
   if (c == 16) { body.template operator()<16>(); return true; }
   if (c == 32) { body.template operator()<32>(); return true; }
@@ -560,7 +562,7 @@ at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const 
   auto wt = weight.t().contiguous();
   std::vector<float> none;
   const int64_t m = x.size(0);
-  const bool ok = dispatch_square(x.size(1), [&]<int C>() {
+  const bool ok = dispatch_channel_count(x.size(1), [&]<int C>() {
     pw_gelu_all<C, false>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
                           bias.data_ptr<float>(), nullptr, out.data_ptr<float>(), none, none,
                           num_parts(m / 256 + 1));
@@ -578,7 +580,7 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
   auto gx = at::empty_like(x);
   auto wt = weight.t().contiguous();
   std::vector<float> acc_w(parts * c * c, 0.f), acc_b(parts * c, 0.f);
-  const bool ok = dispatch_square(c, [&]<int C>() {
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
     pw_gelu_all<C, true>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
                          bias.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), acc_w, acc_b, parts);
   });
@@ -702,14 +704,6 @@ void axial_weight_grad_rows(const float* __restrict__ g, const float* __restrict
   }
 }
 
-template <typename F>
-bool dispatch_axial_channels(int64_t c, const F& body) {
-  if (c == 8) { body.template operator()<8>(); return true; }
-  if (c == 16) { body.template operator()<16>(); return true; }
-  if (c == 32) { body.template operator()<32>(); return true; }
-  if (c == 64) { body.template operator()<64>(); return true; }
-  return false;
-}
 
 // x [N, D, H, W, C]; w [A, K, C] (A = 3: D, H, W taps; A = 2: H, W); bias [C]. Also the input gradient, called
 // with the gradient as x, the taps reversed and a zero bias.
@@ -722,7 +716,7 @@ at::Tensor axial_forward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(k % 2 == 1 && 2 * k <= 32, "axial_forward: odd kernel of at most 15 taps");
   auto out = at::empty_like(x);
   const int64_t rows = n * d * h;
-  const bool ok = dispatch_axial_channels(x.size(4), [&]<int C>() {
+  const bool ok = dispatch_channel_count(x.size(4), [&]<int C>() {
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
       axial_forward_rows<C>(x.data_ptr<float>(), w.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(),
                             n, d, h, wd, k, dil, three_d, r0, r1);
@@ -741,7 +735,7 @@ std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor&
   const int64_t rows = x.size(0) * d * h;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
   std::vector<float> acc_w(parts * a_count * k * c, 0.f), acc_b(parts * c, 0.f), ones(wd * c, 1.f);
-  const bool ok = dispatch_axial_channels(c, [&]<int C>() {
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
     by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
       axial_weight_grad_rows<C>(g.data_ptr<float>(), x.data_ptr<float>(), acc_w.data() + part * a_count * k * C,
                                 acc_b.data() + part * C, d, h, wd, k, dil, a_count == 3, r0, r1, ones.data());
