@@ -32,7 +32,8 @@ import torch
 
 from ulite_monai.networks.utils import channels_last_format
 
-__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "MAX_TAIL_CHANNELS",
+__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "infer_encoder",
+           "infer_decoder", "INFER_ACTS", "inference_input_ok", "MAX_TAIL_CHANNELS",
            "PW_GELU_CHANNELS", "AXIAL_CHANNELS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -343,3 +344,75 @@ def axial_conv(x: torch.Tensor, weights, biases, dilations) -> torch.Tensor | No
     if nd == 2:
         out = out.squeeze(1)
     return _like_input(out.permute(0, nd + 1, *range(1, nd + 1)), x)
+
+
+# ------------------------------------------------------------------------------------------ inference stages
+
+#: activations of the fused inference stages, as the kernels number them
+INFER_ACTS = {"none": 0, "gelu": 1, "relu": 2}
+
+
+def _as5(x: torch.Tensor) -> torch.Tensor:
+    """The ``[N, D, H, W, C]`` view of a channels-last 2D or 3D batch's memory (``D == 1`` in 2D)."""
+    nd = x.dim() - 2
+    cl = _plain(x).permute(0, *range(2, nd + 2), 1)
+    return cl if nd == 3 else cl.unsqueeze(1)
+
+
+def _from5(out: torch.Tensor, nd: int) -> torch.Tensor:
+    """A ``[N, D, H, W, C]`` result as an ``N, C, (D,) H, W`` channels-last batch (the same memory)."""
+    out = out if nd == 3 else out.squeeze(1)
+    return out.permute(0, nd + 1, *range(1, nd + 1))
+
+
+def inference_input_ok(x: torch.Tensor) -> bool:
+    """What the inference stages need: :func:`_eager_cpu_float32_channels_last`, compiled channels, even sizes, and
+    no gradient asked for (they have no backward)."""
+    return (
+        x.shape[1] in AXIAL_CHANNELS
+        and all(s % 2 == 0 for s in x.shape[2:])
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and _eager_cpu_float32_channels_last(x)
+    )
+
+
+def infer_encoder(x: torch.Tensor, taps: torch.Tensor, tap_bias: torch.Tensor, dilation: int, wt: torch.Tensor,
+                  bias: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A fused inference encoder stage in one pass: ``y = axial(x) @ wt + bias`` (``taps`` ``[A, K, C]`` and ``tap_bias``
+    with the batch norm folded in, ``wt`` ``[C, 3C]``), returning ``(act(maxpool2(y[:, :2C])), y[:, 2C:])`` as
+    channels-last batches; only the pooled output and the projected skip are written to memory. ``None`` where the
+    kernel does not apply (then run the stock operators): input as for :func:`axial_conv`, no gradient, even sizes."""
+    nd = x.dim() - 2
+    if not (inference_input_ok(x) and taps.shape[0] == nd and wt.shape == (x.shape[1], 3 * x.shape[1])):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    pooled, skip = ext.infer_encoder(_as5(x), taps, tap_bias, int(dilation), wt, bias, int(act))
+    return _like_input(_from5(pooled, nd), x), _like_input(_from5(skip, nd), x)
+
+
+def infer_decoder(skip: torch.Tensor, lo: torch.Tensor, taps: torch.Tensor, tap_bias: torch.Tensor, dilation: int,
+                  w2t: torch.Tensor, b2: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor, int] | None = None
+                  ) -> torch.Tensor | None:
+    """A fused inference decoder stage in one pass: ``gelu(axial(skip + up2(lo)) @ w2t + b2)``, with ``skip`` and the
+    coarse ``lo`` already projected (``C`` channels each), the up-sampling and the addition done on the fly.
+    ``head = (hwt [C, HP], hb [HP], n)`` also applies the network's output 1x1 conv (``n`` output channels, ``HP``
+    zero-padded to a multiple of 8, at most 32). Returns a channels-last batch, or ``None`` where the kernel does
+    not apply."""
+    nd = skip.dim() - 2
+    if not (
+        inference_input_ok(skip)
+        and taps.shape[0] == nd
+        and lo.shape[:2] == skip.shape[:2]
+        and all(2 * a == b for a, b in zip(lo.shape[2:], skip.shape[2:]))
+        and _eager_cpu_float32_channels_last(lo)
+        and not (lo.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    hwt, hb, n = head if head is not None else (None, None, 0)
+    out = ext.infer_decoder(_as5(skip), _as5(lo), taps, tap_bias, int(dilation), w2t, b2, hwt, hb, int(n))
+    return _like_input(_from5(out, nd), skip)

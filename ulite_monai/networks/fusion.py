@@ -26,6 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ulite_monai.networks.axial import _depth_block, conv3d_by_planes
+from ulite_monai.networks.cpu_kernels import (
+    AXIAL_CHANNELS,
+    INFER_ACTS,
+    infer_decoder,
+    infer_encoder,
+    inference_input_ok,
+)
 from ulite_monai.networks.ulite import AxialDWConv, ULite
 from ulite_monai.networks.utils import check_input, crop_to, pad_to_divisible
 
@@ -111,17 +118,21 @@ class PointwiseConv(nn.Module):
         self.bias = nn.Parameter(_place(bias, conv.weight), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias
-        if self.spatial_dims == 2:
-            return F.conv2d(x, self.weight, b)
-        if self.spatial_dims == 3:
-            if x.is_contiguous(memory_format=torch.channels_last_3d):
-                n, c, d, h, w = x.shape
-                planes = x.permute(0, 2, 3, 4, 1).reshape(n * d, h, w, c).permute(0, 3, 1, 2)
-                y = F.conv2d(planes, self.weight.reshape(self.weight.shape[0], self.weight.shape[1], 1, 1), b)
-                return y.permute(0, 2, 3, 1).reshape(n, d, h, w, y.shape[1]).permute(0, 4, 1, 2, 3)
-            return F.conv3d(x, self.weight, b)
-        return F.conv1d(x, self.weight, b)
+        return pointwise(x, self.weight, self.bias, self.spatial_dims)
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """:class:`PointwiseConv`'s computation with the given 1x1 (x1) ``weight`` and bias ``b``."""
+    if spatial_dims == 2:
+        return F.conv2d(x, weight, b)
+    if spatial_dims == 3:
+        if x.is_contiguous(memory_format=torch.channels_last_3d):
+            n, c, d, h, w = x.shape
+            planes = x.permute(0, 2, 3, 4, 1).reshape(n * d, h, w, c).permute(0, 3, 1, 2)
+            y = F.conv2d(planes, weight.reshape(weight.shape[0], weight.shape[1], 1, 1), b)
+            return y.permute(0, 2, 3, 1).reshape(n, d, h, w, y.shape[1]).permute(0, 4, 1, 2, 3)
+        return F.conv3d(x, weight, b)
+    return F.conv1d(x, weight, b)
 
 
 def _channels_inner(x: torch.Tensor) -> bool:
@@ -282,6 +293,41 @@ def fused_axial(block: AxialDWConv, scale: torch.Tensor | None = None, shift: to
     return FusedAxialDW(block, scale, shift, merge=merge)
 
 
+def kernel_taps(block: AxialDWConv, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``scale * (x + sum_axis conv_axis(x)) + shift`` as the fused CPU inference kernels take an axial block
+    (:func:`~ulite_monai.networks.cpu_kernels.infer_encoder`): float64 taps ``[A, K, C]`` (the kernels add ``x`` once,
+    so the identity's remaining ``scale - 1`` rides on the last axis' centre tap), the bias ``[C]`` and the
+    dilation; ``None`` for blocks the kernels do not cover (channel counts, kernel sizes)."""
+    convs = list(block.convs)
+    ch = convs[0].in_channels
+    nd = convs[0].weight.ndim - 2
+    k = convs[0].kernel_size[0]
+    dil = convs[0].dilation[0]
+    if not (
+        nd in (2, 3)
+        and ch in AXIAL_CHANNELS
+        and k % 2 == 1
+        and k <= 15
+        and all(c.kernel_size[a] == k and c.dilation[a] == dil and c.weight.numel() == ch * k for a, c in enumerate(convs))
+    ):
+        return None
+    dev = _work_device(convs[0].weight.device)
+    s = torch.ones(ch, dtype=torch.float64, device=dev) if scale is None else scale
+    t = torch.zeros(ch, dtype=torch.float64, device=dev) if shift is None else shift
+    taps = torch.stack([_f64(c.weight).reshape(ch, k) * s[:, None] for c in convs]).transpose(1, 2).contiguous()
+    taps[-1, k // 2] += s - 1.0
+    bias = sum(_bias(c) for c in convs) * s + t
+    return taps, bias, int(dil)
+
+
+def _act_code(act: "Activation") -> int | None:
+    """The inference kernels' number for a block's activation, or None if they do not compute it."""
+    if act.kind == 1:
+        return INFER_ACTS["gelu"] if act.approximate == "none" else None
+    return INFER_ACTS["relu"] if act.kind == 2 else None
+
+
 class Activation(nn.Module):
     """A block's activation, applied in place when it is GELU or ReLU (its inputs are fresh intermediates
     nothing else reads), so no new tensor is allocated; any other activation module runs as it is."""
@@ -328,11 +374,34 @@ class FusedEncoderBlock(nn.Module):
         nd = pw.weight.ndim - 2
         self.pool = MaxPool2x(nd)
         self.act = Activation(block.act)
+        # the whole stage as one CPU kernel pass (infer_encoder) where it applies; the buffers are not saved
+        taps = kernel_taps(block.dw, s, t)
+        ch = pw.in_channels
+        code = _act_code(self.act)
+        self.kernel_ready = taps is not None and code is not None and w.shape[0] == 3 * ch and self.n_out == 2 * ch
+        #: run the stage through the fused CPU kernel where it applies (False: the stock operators)
+        self.cpu_kernel = True
+        self.k_act = code if code is not None else 0
+        self.k_dil = taps[2] if taps is not None else 1
+        like = pw.weight
+        for name, value in (("k_taps", taps[0] if taps else None), ("k_bias", taps[1] if taps else None),
+                            ("k_wt", w.t().contiguous() if self.kernel_ready else None),
+                            ("k_pbias", b if self.kernel_ready else None)):
+            self.register_buffer(name, _place(value, like) if self.kernel_ready else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.jit.is_scripting():
+            if self.kernel_ready and self.cpu_kernel:
+                out = self._kernel_forward(x)
+                if out is not None:
+                    return out
         y = self.pw(self.dw(x))
         z = self.pool(y[:, : self.n_out])
         return self.act(z), y[:, self.n_out :]
+
+    @torch.jit.unused
+    def _kernel_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return infer_encoder(x, self.k_taps, self.k_bias, self.k_dil, self.k_wt, self.k_pbias, self.k_act)
 
 
 class FusedDecoderBlock(nn.Module):
@@ -361,6 +430,23 @@ class FusedDecoderBlock(nn.Module):
         self.dw = fused_axial(block.dw, merge=merge)
         self.pw2 = PointwiseConv(block.pw2)
         self.act = Activation(block.act)
+        # the whole stage as one CPU kernel pass (infer_decoder) where it applies; the buffers are not saved
+        ch = pw.out_channels
+        taps = kernel_taps(block.dw)
+        self.kernel_ready = (
+            taps is not None and _act_code(self.act) == INFER_ACTS["gelu"] and block.pw2.weight.shape[:2] == (ch, ch)
+        )
+        #: run the stage through the fused CPU kernel where it applies (False: the stock operators)
+        self.cpu_kernel = True
+        self.k_dil = taps[2] if taps is not None else 1
+        like = pw.weight
+        ready = self.kernel_ready
+        w2 = _f64(block.pw2.weight).reshape(ch, ch)
+        for name, value in (("k_taps", taps[0] if ready else None), ("k_bias", taps[1] if ready else None),
+                            ("k_w2t", w2.t().contiguous() if ready else None),
+                            ("k_b2", _bias(block.pw2) if ready else None),
+                            ("k_lo_w", w[:, :n_up] if ready else None), ("k_lo_b", b if ready else None)):
+            self.register_buffer(name, _place(value, like) if ready else None, persistent=False)
 
     @staticmethod
     def _folded_pw(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +488,22 @@ class FusedDecoderBlock(nn.Module):
         return F.interpolate(lo, scale_factor=2.0, mode="nearest") + skip
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.kernel_ready and self.cpu_kernel:
+                out = self.kernel_forward(x, skip)
+                if out is not None:
+                    return out
         return self.act(self.pw2(self.dw(self.up_add(x, skip))))
+
+    @torch.jit.unused
+    def kernel_forward(self, x: torch.Tensor, skip: torch.Tensor,
+                       head: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+        """The stage through :func:`~ulite_monai.networks.cpu_kernels.infer_decoder` (with the network's output conv
+        ``head`` if given), or None where the kernel does not apply."""
+        if not (self.kernel_ready and self.cpu_kernel and inference_input_ok(skip)):
+            return None
+        lo = pointwise(x, self.k_lo_w, self.k_lo_b, self.spatial_dims)
+        return infer_decoder(skip, lo, self.k_taps, self.k_bias, self.k_dil, self.k_w2t, self.k_b2, head)
 
 
 class FusedBottleneck(nn.Module):
@@ -488,6 +589,19 @@ class FusedULite(nn.Module):
             )
             self.bottleneck = FusedBottleneck(net.bottleneck, merge_axial)
             self.conv_out = PointwiseConv(net.conv_out) if max(net.conv_out.kernel_size) == 1 else copy.deepcopy(net.conv_out)
+        # the output 1x1 conv as the last decoder's kernel takes it: weights [C, HP] zero-padded to HP columns
+        self.k_head_n = int(net.out_channels)
+        head_ready = isinstance(self.conv_out, PointwiseConv) and self.k_head_n <= 32
+        hw = hb = None
+        if head_ready:
+            cw = self.conv_out.weight.detach()
+            hp = -(-self.k_head_n // 8) * 8
+            hw = torch.zeros(cw.shape[1], hp, dtype=cw.dtype, device=cw.device)
+            hw[:, : self.k_head_n] = cw.reshape(cw.shape[0], cw.shape[1]).t()
+            hb = torch.zeros(hp, dtype=cw.dtype, device=cw.device)
+            hb[: self.k_head_n] = self.conv_out.bias.detach()
+        self.register_buffer("k_head_w", hw, persistent=False)
+        self.register_buffer("k_head_b", hb, persistent=False)
         # ULite's stem is a stride-1, "same"-padded conv: what conv3d_by_planes computes
         self.stem_depth_blocks = (
             self.spatial_dims == 3 and self.channels_last and _depth_block(self.conv_in.out_channels, "cpu") > 1
@@ -543,10 +657,26 @@ class FusedULite(nn.Module):
             skips.append(skip)
         x = self.bottleneck(x)
         n = len(skips)
+        head_done = False
         for i, dec in enumerate(self.decoders):
-            x = dec(x, skips[n - 1 - i])
-        x = crop_to(self.conv_out(x), crop)
+            if i == n - 1 and not torch.jit.is_scripting():
+                x, head_done = self._last_decoder(dec, x, skips[0])
+            else:
+                x = dec(x, skips[n - 1 - i])
+        if not head_done:
+            x = self.conv_out(x)
+        x = crop_to(x, crop)
         return x.contiguous()
+
+    @torch.jit.unused
+    def _last_decoder(self, dec: FusedDecoderBlock, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The last decoder stage, with the output conv in the same kernel pass where it applies; returns the result
+        and whether the output conv is done."""
+        head = None if self.k_head_w is None else (self.k_head_w, self.k_head_b, self.k_head_n)
+        out = dec.kernel_forward(x, skip, head)
+        if out is None:
+            return dec(x, skip), False
+        return out, head is not None
 
 
 def fuse_ulite(net: ULite, merge_axial: bool = True, channels_last: bool = True) -> FusedULite:

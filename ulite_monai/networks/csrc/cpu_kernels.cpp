@@ -590,72 +590,145 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
 
 // ---------------------------------------------------------------------------------- axial depthwise convolution
 
-// out = x + bias + sum over axes a and taps t of w[a][t] * x shifted by (t - K/2) * dilation along a, zero outside
-// (U-Lite's axial block: the identity plus one K-tap depthwise conv per axis). x [N, D, H, W, C] contiguous; the
-// axes are (D,) H, W; w [A, K, C]. Voxel by voxel with the channels in vector registers; the rows that the D and H
-// taps read stay in the CPU caches while a row is computed.
+// The axial block: out = x + bias + sum over axes a and taps t of w[a][t] * x shifted by (t - K/2) * dilation along
+// a, zero outside (U-Lite's identity plus one K-tap depthwise conv per axis). The axes are (D,) H, W of
+// [N, D, H, W, C]; w [A, K, C]. Voxel by voxel with the channels in vector registers; the rows that the D and H taps
+// read stay in the CPU caches while a row is computed. The block's input comes from a source:
+// - PlainSource: a contiguous [N, D, H, W, C] tensor;
+// - UpAddSource: skip + nearest_upsample_x2(lo), computed on the fly (the fused decoder's input), with skip
+//   [N, D, H, W, C] and lo [N, D / 2, H / 2, W / 2, C] (D and lo's D are 1 in 2D).
 template <int C>
-void axial_forward_rows(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-                        float* __restrict__ out, int64_t n, int64_t d, int64_t h, int64_t wd, int64_t k,
-                        int64_t dil, bool three_d, int64_t r0, int64_t r1) {
-  constexpr int VW = C >= 16 ? 16 : 8;
-  constexpr int NV = C / VW;
+struct AxialTaps {
+  static constexpr int VW = C >= 16 ? 16 : 8;
+  static constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
-  const int64_t a_count = three_d ? 3 : 2, half = k / 2;
-  std::vector<const float*> src(2 * k);
-  std::vector<V> wv(a_count * k * NV);
-  for (int64_t i = 0; i < a_count * k; ++i)
-    for (int v = 0; v < NV; ++v) wv[i * NV + v] = load<VW>(w + i * C + v * VW);
+  int64_t d, h, wd, k, dil, half;
+  bool three_d;
+  std::vector<V> wv;
   V bv[NV];
-  for (int v = 0; v < NV; ++v) bv[v] = load<VW>(bias + v * VW);
-  const int64_t row_len = wd * C;
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t hy = row % h, dz = (row / h) % d, b = row / (h * d);
-    const float* xr = x + row * row_len;
-    float* orow = out + row * row_len;
-    // taps along D then H: the source row, or null outside the volume
-    int64_t ntap = 0;
-    const V* taps_w[32];
-    if (three_d) {
-      for (int64_t t = 0; t < k; ++t) {
-        const int64_t z = dz + (t - half) * dil;
-        if (z < 0 || z >= d) continue;
-        src[ntap] = x + ((b * d + z) * h + hy) * row_len;
-        taps_w[ntap++] = &wv[(0 * k + t) * NV];
-      }
-    }
-    const int64_t ah = three_d ? 1 : 0;
-    for (int64_t t = 0; t < k; ++t) {
-      const int64_t y = hy + (t - half) * dil;
-      if (y < 0 || y >= h) continue;
-      src[ntap] = x + ((b * d + dz) * h + y) * row_len;
-      taps_w[ntap++] = &wv[(ah * k + t) * NV];
-    }
-    const V* ww = &wv[(ah + 1) * k * NV];
-    const int64_t reach = half * dil;
-    auto voxel = [&](int64_t xi, auto interior) {
-      V acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = load<VW>(xr + xi * C + v * VW) + bv[v];
-      for (int64_t j = 0; j < ntap; ++j) {
-        const float* sp = src[j] + xi * C;
-        for (int v = 0; v < NV; ++v) acc[v] += taps_w[j][v] * load<VW>(sp + v * VW);
-      }
-      const float* base = xr + (xi - reach) * C;
-      for (int64_t t = 0; t < k; ++t) {
-        if constexpr (!decltype(interior)::value) {
-          const int64_t xx = xi + (t - half) * dil;
-          if (xx < 0 || xx >= wd) continue;
-        }
-        for (int v = 0; v < NV; ++v) acc[v] += ww[t * NV + v] * load<VW>(base + t * dil * C + v * VW);
-      }
-      for (int v = 0; v < NV; ++v) store<VW>(orow + xi * C + v * VW, acc[v]);
-    };
-    const int64_t lo = std::min(reach, wd), hi = std::max(lo, wd - reach);
-    for (int64_t xi = 0; xi < lo; ++xi) voxel(xi, std::false_type{});
-    for (int64_t xi = lo; xi < hi; ++xi) voxel(xi, std::true_type{});
-    for (int64_t xi = hi; xi < wd; ++xi) voxel(xi, std::false_type{});
+  AxialTaps(const float* w, const float* bias, int64_t d_, int64_t h_, int64_t wd_, int64_t k_, int64_t dil_,
+            bool three_d_)
+      : d(d_), h(h_), wd(wd_), k(k_), dil(dil_), half(k_ / 2), three_d(three_d_), wv((three_d_ ? 3 : 2) * k_ * NV) {
+    for (int64_t i = 0; i < (three_d ? 3 : 2) * k; ++i)
+      for (int v = 0; v < NV; ++v) wv[i * NV + v] = load<VW>(w + i * C + v * VW);
+    for (int v = 0; v < NV; ++v) bv[v] = load<VW>(bias + v * VW);
   }
+};
+
+template <int C>
+struct PlainSource {
+  static constexpr int VW = AxialTaps<C>::VW;
+  using V = typename AxialTaps<C>::V;
+  using Row = const float*;
+  const float* x;
+  int64_t d, h, wd;
+  Row row(int64_t b, int64_t z, int64_t y) const { return x + ((b * d + z) * h + y) * wd * C; }
+  V at(Row r, int64_t xi, int v) const { return load<VW>(r + xi * C + v * VW); }
+};
+
+template <int C>
+struct UpAddSource {
+  static constexpr int VW = AxialTaps<C>::VW;
+  using V = typename AxialTaps<C>::V;
+  struct Row { const float* s; const float* l; };
+  const float* skip;
+  const float* lo;
+  int64_t d, h, wd, ld, lh, lw;  // lo's sizes
+  bool three_d;
+  Row row(int64_t b, int64_t z, int64_t y) const {
+    const int64_t lz = three_d ? z / 2 : z;
+    return {skip + ((b * d + z) * h + y) * wd * C, lo + ((b * ld + lz) * lh + y / 2) * lw * C};
+  }
+  V at(Row r, int64_t xi, int v) const { return load<VW>(r.s + xi * C + v * VW) + load<VW>(r.l + (xi >> 1) * C + v * VW); }
+};
+
+// One row (b, z, y) of the axial block over `src`, into dst [W, C].
+template <int C, class Src>
+inline void axial_row(const AxialTaps<C>& tp, const Src& src, int64_t b, int64_t z, int64_t y,
+                      float* __restrict__ dst) {
+  constexpr int VW = AxialTaps<C>::VW, NV = AxialTaps<C>::NV;
+  using V = typename AxialTaps<C>::V;
+  const int64_t k = tp.k, half = tp.half, dil = tp.dil, wd = tp.wd;
+  // taps along D then H: the source row (rows outside the volume are skipped)
+  typename Src::Row rows[32];
+  const V* taps_w[32];
+  int64_t ntap = 0;
+  if (tp.three_d) {
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t zz = z + (t - half) * dil;
+      if (zz < 0 || zz >= tp.d) continue;
+      rows[ntap] = src.row(b, zz, y);
+      taps_w[ntap++] = &tp.wv[(0 * k + t) * NV];
+    }
+  }
+  const int64_t ah = tp.three_d ? 1 : 0;
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t yy = y + (t - half) * dil;
+    if (yy < 0 || yy >= tp.h) continue;
+    rows[ntap] = src.row(b, z, yy);
+    taps_w[ntap++] = &tp.wv[(ah * k + t) * NV];
+  }
+  const V* ww = &tp.wv[(ah + 1) * k * NV];
+  const typename Src::Row xr = src.row(b, z, y);
+  const int64_t reach = half * dil;
+  // PV neighbouring voxels at a time: each voxel's sum is one chain of dependent FMAs, so several voxels keep the
+  // FMA units busy; INTERIOR: every W tap is inside the row
+  auto voxels = [&]<int PV, bool INTERIOR>(int64_t x0) {
+    V acc[PV][NV];
+    for (int p = 0; p < PV; ++p)
+      for (int v = 0; v < NV; ++v) acc[p][v] = src.at(xr, x0 + p, v) + tp.bv[v];
+    for (int64_t j = 0; j < ntap; ++j)
+      for (int v = 0; v < NV; ++v) {
+        const V wj = taps_w[j][v];
+        for (int p = 0; p < PV; ++p) acc[p][v] += wj * src.at(rows[j], x0 + p, v);
+      }
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t s = (t - half) * dil;
+      for (int v = 0; v < NV; ++v) {
+        const V wt = ww[t * NV + v];
+        for (int p = 0; p < PV; ++p) {
+          if constexpr (!INTERIOR) {
+            if (x0 + p + s < 0 || x0 + p + s >= wd) continue;
+          }
+          acc[p][v] += wt * src.at(xr, x0 + p + s, v);
+        }
+      }
+    }
+    for (int p = 0; p < PV; ++p)
+      for (int v = 0; v < NV; ++v) store<VW>(dst + (x0 + p) * C + v * VW, acc[p][v]);
+  };
+  constexpr int PV = NV >= 4 ? 1 : 4 / NV;
+  const int64_t lo = std::min(reach, wd), hi = std::max(lo, wd - reach);
+  int64_t xi = 0;
+  for (; xi < lo; ++xi) voxels.template operator()<1, false>(xi);
+  for (; xi + PV <= hi; xi += PV) voxels.template operator()<PV, true>(xi);
+  for (; xi < wd; ++xi) voxels.template operator()<1, false>(xi);
 }
+
+// Runs work(b, z, y) over every row (b, z, y) of [N, D, H] in parallel: in tiles of t rows along H, each swept
+// through all of D, so that the rows a D tap reads (the same H rows of the neighbouring planes) are still in the
+// CPU caches (a plain row order streams each row from memory once per D tap). make() gives each parallel chunk its
+// own worker (with its own buffers).
+template <typename Make>
+void by_tiles(int64_t n, int64_t d, int64_t h, int64_t t, const Make& make) {
+  const int64_t tiles = (h + t - 1) / t;
+  at::parallel_for(0, n * tiles, 1, [&](int64_t u0, int64_t u1) {
+    auto work = make();
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / tiles, y0 = (u % tiles) * t, y1 = std::min(h, y0 + t);
+      for (int64_t z = 0; z < d; ++z)
+        for (int64_t y = y0; y < y1; ++y) work(b, z, y);
+    }
+  });
+}
+
+// Tile height for by_tiles: at most max_t rows, fewer while there would be under 4 tiles per thread.
+int64_t tile_rows(int64_t n, int64_t h, int64_t max_t) {
+  int64_t t = max_t;
+  while (t > 1 && n * ((h + t - 1) / t) < 4 * at::get_num_threads()) t /= 2;
+  return t;
+}
+
 
 // sum over i < count of a[i * C .. ] * b[i * C .. ] per channel, four partial sums for independent FMA chains
 template <int C>
@@ -715,11 +788,12 @@ at::Tensor axial_forward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t n = x.size(0), d = x.size(1), h = x.size(2), wd = x.size(3), k = w.size(1);
   TORCH_CHECK(k % 2 == 1 && 2 * k <= 32, "axial_forward: odd kernel of at most 15 taps");
   auto out = at::empty_like(x);
-  const int64_t rows = n * d * h;
   const bool ok = dispatch_channel_count(x.size(4), [&]<int C>() {
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      axial_forward_rows<C>(x.data_ptr<float>(), w.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(),
-                            n, d, h, wd, k, dil, three_d, r0, r1);
+    const AxialTaps<C> tp(w.data_ptr<float>(), bias.data_ptr<float>(), d, h, wd, k, dil, three_d);
+    const PlainSource<C> src{x.data_ptr<float>(), d, h, wd};
+    float* po = out.data_ptr<float>();
+    by_tiles(n, d, h, tile_rows(n, h, 8), [&]() {
+      return [&](int64_t b, int64_t z, int64_t y) { axial_row<C>(tp, src, b, z, y, po + ((b * d + z) * h + y) * wd * C); };
     });
   });
   TORCH_CHECK(ok, "axial_forward: channels must be 8, 16, 32 or 64");
@@ -745,6 +819,234 @@ std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor&
   return {sum_parts(acc_w, parts, {a_count, k, c}, x.options()), sum_parts(acc_b, parts, {c}, x.options())};
 }
 
+// ------------------------------------------------------------------------- inference: fused encoder and decoder
+
+// Activations of the fused inference stages: 0 none, 1 exact GELU, 2 ReLU.
+template <typename V>
+inline V activate(V x, int act) {
+  if (act == 1) return gelu<V>(x, nullptr);
+  if (act == 2) return x > V{} ? x : V{};
+  return x;
+}
+
+// An inference encoder stage over pooling groups [g0, g1): the axial block (batch norm folded into its taps) of the
+// 2 (2D) or 4 (3D) rows one pooling window covers into a per-thread buffer, then per voxel the 1x1 conv
+// y = a @ wt + bias with wt [C, 3C]: columns [0, 2C) are the stage's output, max-pooled over each 2x2(x2) window
+// and activated, columns [2C, 3C) the next decoder's projection of this skip, stored at full resolution.
+// Only the pooled output and the projected skip reach memory.
+template <int C>
+struct EncoderStage {
+  const AxialTaps<C>& tp;
+  const PlainSource<C>& src;
+  const float* wt;
+  const float* pbias;
+  int act;
+  float* skip;
+  float* pooled;
+  std::vector<float> abuf, ybuf;  // per worker: the axial block's rows, the pooled part of the 1x1 conv's output
+
+  void operator()(int64_t b, int64_t dz, int64_t hy);
+};
+
+template <int C>
+void EncoderStage<C>::operator()(int64_t b, int64_t dz, int64_t hy) {
+  constexpr int VW = AxialTaps<C>::VW;
+  using V = typename AxialTaps<C>::V;
+  constexpr int CO = 3 * C, NO = CO / VW, NP = 2 * C / VW;  // vectors: all outputs, pooled outputs
+  constexpr int P = NO >= 12 ? 1 : (NO >= 6 ? 2 : 4);       // voxels at a time: independent FMA chains
+  const int64_t d = tp.d, h = tp.h, wd = tp.wd;
+  const bool pool_d = tp.three_d;
+  const int64_t d2 = pool_d ? d / 2 : d, h2 = h / 2, w2 = wd / 2, rows = pool_d ? 4 : 2;
+  abuf.resize(rows * wd * C);
+  ybuf.resize(rows * wd * 2 * C);
+  V bias[NO];
+  for (int v = 0; v < NO; ++v) bias[v] = load<VW>(pbias + v * VW);
+  {
+    const int64_t grp = (b * d2 + dz) * h2 + hy;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t z = pool_d ? 2 * dz + r / 2 : dz, y = 2 * hy + r % 2;
+      float* a = abuf.data() + r * wd * C;
+      axial_row<C>(tp, src, b, z, y, a);
+      float* yr = ybuf.data() + r * wd * 2 * C;
+      float* sr = skip + ((b * d + z) * h + y) * wd * C;
+      // PP voxels at a time (compile-time counts, so the accumulators stay in registers)
+      auto block = [&]<int PP>(int64_t x0) {
+        V acc[PP][NO];
+        for (int p = 0; p < PP; ++p)
+          for (int v = 0; v < NO; ++v) acc[p][v] = bias[v];
+        for (int c = 0; c < C; ++c) {
+          const float* wc = wt + c * CO;
+          for (int v = 0; v < NO; ++v) {
+            const V wv = load<VW>(wc + v * VW);
+            for (int p = 0; p < PP; ++p) acc[p][v] += a[(x0 + p) * C + c] * wv;
+          }
+        }
+        for (int p = 0; p < PP; ++p) {
+          for (int v = 0; v < NP; ++v) store<VW>(yr + (x0 + p) * 2 * C + v * VW, acc[p][v]);
+          for (int v = NP; v < NO; ++v) store<VW>(sr + (x0 + p) * C + (v - NP) * VW, acc[p][v]);
+        }
+      };
+      int64_t x0 = 0;
+      for (; x0 + P <= wd; x0 += P) block.template operator()<P>(x0);
+      for (; x0 < wd; ++x0) block.template operator()<1>(x0);
+    }
+    float* out = pooled + grp * w2 * 2 * C;
+    for (int64_t x2 = 0; x2 < w2; ++x2) {
+      for (int v = 0; v < NP; ++v) {
+        V best = load<VW>(ybuf.data() + (2 * x2) * 2 * C + v * VW);
+        for (int64_t j = 1; j < 2 * rows; ++j) {
+          const V x = load<VW>(ybuf.data() + ((j / 2) * wd + 2 * x2 + j % 2) * 2 * C + v * VW);
+          best = ((x > best) | (x != x)) ? x : best;  // NaN propagates, as torch.maximum
+        }
+        store<VW>(out + x2 * 2 * C + v * VW, activate<V>(best, act));
+      }
+    }
+  }
+}
+
+// Inference encoder stage: x [N, D, H, W, C] (C in 8, 16, 32, 64), taps [A, K, C] and tap_bias [C] of the axial
+// block with batch norm folded in, wt [C, 3C] and bias [3C] of the stacked 1x1 convs. Returns
+// (act(maxpool2(y[..., :2C])) [N, D2, H/2, W/2, 2C], y[..., 2C:] [N, D, H, W, C]); D2 = D / 2 in 3D (A = 3), D in 2D.
+std::vector<at::Tensor> infer_encoder(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& tap_bias,
+                                      int64_t dil, const at::Tensor& wt, const at::Tensor& bias, int64_t act) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && x.scalar_type() == at::kFloat && taps.dim() == 3 &&
+              taps.is_contiguous() && taps.size(2) == x.size(4) && tap_bias.is_contiguous() &&
+              tap_bias.numel() == x.size(4) && wt.is_contiguous() && wt.size(0) == x.size(4) &&
+              wt.size(1) == 3 * x.size(4) && bias.is_contiguous() && bias.numel() == wt.size(1),
+              "infer_encoder: expected x [N, D, H, W, C], taps [A, K, C], tap_bias [C], wt [C, 3C], bias [3C]");
+  const bool three_d = taps.size(0) == 3;
+  const int64_t n = x.size(0), d = x.size(1), h = x.size(2), wd = x.size(3), c = x.size(4), k = taps.size(1);
+  TORCH_CHECK(k % 2 == 1 && 2 * k <= 32, "infer_encoder: odd kernel of at most 15 taps");
+  TORCH_CHECK(h % 2 == 0 && wd % 2 == 0 && (!three_d || d % 2 == 0), "infer_encoder: odd spatial size");
+  const int64_t d2 = three_d ? d / 2 : d;
+  auto pooled = at::empty({n, d2, h / 2, wd / 2, 2 * c}, x.options());
+  auto skip = at::empty({n, d, h, wd, c}, x.options());
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
+    const AxialTaps<C> tp(taps.data_ptr<float>(), tap_bias.data_ptr<float>(), d, h, wd, k, dil, three_d);
+    const PlainSource<C> src{x.data_ptr<float>(), d, h, wd};
+    // pooling groups (b, dz, hy) in tiles along H swept through D (by_tiles)
+    by_tiles(n, d2, h / 2, tile_rows(n, h / 2, 4), [&]() {
+      return EncoderStage<C>{tp, src, wt.data_ptr<float>(), bias.data_ptr<float>(), static_cast<int>(act),
+                             skip.data_ptr<float>(), pooled.data_ptr<float>(), {}, {}};
+    });
+  });
+  TORCH_CHECK(ok, "infer_encoder: channels must be 8, 16, 32 or 64");
+  return {pooled, skip};
+}
+
+// Calls body.template operator()<HV>() for HV = hv in 1..4 (vectors of 8 head outputs).
+template <typename F>
+void dispatch_head(int64_t hv, const F& body) {
+  if (hv == 1) return body.template operator()<1>();
+  if (hv == 2) return body.template operator()<2>();
+  if (hv == 3) return body.template operator()<3>();
+  return body.template operator()<4>();
+}
+
+// An inference decoder stage over rows [r0, r1): the axial block over skip + up(lo) into a row buffer, then per voxel
+// gelu(a @ w2t + b2), and, with a head (the network's output 1x1 conv, hwt [C, HP] zero-padded to HP = 8 * hv
+// columns), out = that @ hwt + hb with only the first `hout` channels stored.
+template <int C>
+struct DecoderStage {
+  const AxialTaps<C>& tp;
+  const UpAddSource<C>& src;
+  const float* w2t;
+  const float* b2;
+  const float* hwt;
+  const float* hb;
+  int64_t hout, hv;
+  float* out;
+  std::vector<float> abuf, gbuf;  // per worker: the axial block's row, the GELU's row (with a head)
+
+  void operator()(int64_t b, int64_t z, int64_t y);
+};
+
+template <int C>
+void DecoderStage<C>::operator()(int64_t b, int64_t z, int64_t y) {
+  const int64_t d = tp.d, h = tp.h, wd = tp.wd;
+  abuf.resize(wd * C);
+  gbuf.resize(hwt != nullptr ? wd * C : 0);
+  {
+    const int64_t row = (b * d + z) * h + y;
+    axial_row<C>(tp, src, b, z, y, abuf.data());
+    float* g = hwt != nullptr ? gbuf.data() : out + row * wd * C;
+    constexpr int PG = C <= 16 ? 8 : 4;  // voxels at a time, as in the head below
+    int64_t xi = 0;
+    for (; xi + PG <= wd; xi += PG)
+      pw_gelu_rows<C, PG, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
+    for (; xi < wd; ++xi)
+      pw_gelu_rows<C, 1, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
+    if (hwt == nullptr) return;
+    float* orow = out + row * wd * hout;
+    dispatch_head(hv, [&]<int HV>() {
+      // PH voxels at a time: independent FMA chains (one voxel's C-long chain alone waits on each FMA's latency)
+      auto block = [&]<int PH>(int64_t x0) {
+        v8 acc[PH][HV];
+        for (int p = 0; p < PH; ++p)
+          for (int v = 0; v < HV; ++v) acc[p][v] = load<8>(hb + v * 8);
+        for (int c = 0; c < C; ++c)
+          for (int v = 0; v < HV; ++v) {
+            const v8 wv = load<8>(hwt + (c * HV + v) * 8);
+            for (int p = 0; p < PH; ++p) acc[p][v] += g[(x0 + p) * C + c] * wv;
+          }
+        for (int p = 0; p < PH; ++p) {
+          alignas(64) float tmp[HV * 8];
+          for (int v = 0; v < HV; ++v) store<8>(tmp + v * 8, acc[p][v]);
+          std::memcpy(orow + (x0 + p) * hout, tmp, hout * sizeof(float));
+        }
+      };
+      constexpr int PH = HV <= 2 ? 8 : 4;
+      int64_t x0 = 0;
+      for (; x0 + PH <= wd; x0 += PH) block.template operator()<PH>(x0);
+      for (; x0 < wd; ++x0) block.template operator()<1>(x0);
+    });
+  }
+}
+
+// Inference decoder stage: skip [N, D, H, W, C] (C in 8, 16, 32, 64; already projected by the encoder), lo
+// [N, D', H / 2, W / 2, C] (the projected coarse input; D' = D / 2 in 3D, 1 in 2D), taps [A, K, C] and tap_bias [C] of
+// the axial block, w2t [C, C] (transposed) and b2 [C] of the 1x1 conv before the GELU; optionally the head
+// hwt [C, HP] (HP a multiple of 8, at most 32), hb [HP] and its true output count hout. Returns
+// gelu(pw2(axial(skip + up(lo)))) [N, D, H, W, C], or the head's output [N, D, H, W, hout].
+at::Tensor infer_decoder(const at::Tensor& skip, const at::Tensor& lo, const at::Tensor& taps,
+                         const at::Tensor& tap_bias, int64_t dil, const at::Tensor& w2t, const at::Tensor& b2,
+                         const c10::optional<at::Tensor>& hwt, const c10::optional<at::Tensor>& hb, int64_t hout) {
+  TORCH_CHECK(skip.dim() == 5 && skip.is_contiguous() && skip.scalar_type() == at::kFloat && lo.dim() == 5 &&
+              lo.is_contiguous() && lo.scalar_type() == at::kFloat && lo.size(4) == skip.size(4) &&
+              taps.dim() == 3 && taps.is_contiguous() && taps.size(2) == skip.size(4) && tap_bias.is_contiguous() &&
+              tap_bias.numel() == skip.size(4) && w2t.is_contiguous() && w2t.size(0) == skip.size(4) &&
+              w2t.size(1) == skip.size(4) && b2.is_contiguous() && b2.numel() == skip.size(4),
+              "infer_decoder: expected skip [N, D, H, W, C], lo [N, D', H/2, W/2, C], taps [A, K, C], tap_bias [C], "
+              "w2t [C, C], b2 [C]");
+  const bool three_d = taps.size(0) == 3;
+  const int64_t n = skip.size(0), d = skip.size(1), h = skip.size(2), wd = skip.size(3), c = skip.size(4);
+  const int64_t k = taps.size(1);
+  TORCH_CHECK(k % 2 == 1 && 2 * k <= 32, "infer_decoder: odd kernel of at most 15 taps");
+  TORCH_CHECK(lo.size(0) == n && lo.size(1) == (three_d ? d / 2 : 1) && lo.size(2) == h / 2 && lo.size(3) == wd / 2 &&
+              h % 2 == 0 && wd % 2 == 0 && (!three_d || d % 2 == 0), "infer_decoder: lo must be skip's size halved");
+  const bool head = hwt.has_value();
+  int64_t hv = 0;
+  if (head) {
+    TORCH_CHECK(hb.has_value() && hwt->is_contiguous() && hwt->size(0) == c && hwt->size(1) % 8 == 0 &&
+                hwt->size(1) <= 32 && hout >= 1 && hout <= hwt->size(1) && hb->is_contiguous() &&
+                hb->numel() == hwt->size(1), "infer_decoder: head weights [C, HP], HP a multiple of 8 up to 32");
+    hv = hwt->size(1) / 8;
+  }
+  auto out = at::empty({n, d, h, wd, head ? hout : c}, skip.options());
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
+    const AxialTaps<C> tp(taps.data_ptr<float>(), tap_bias.data_ptr<float>(), d, h, wd, k, dil, three_d);
+    const UpAddSource<C> src{skip.data_ptr<float>(), lo.data_ptr<float>(), d, h, wd, lo.size(1), h / 2, wd / 2,
+                             three_d};
+    by_tiles(n, d, h, tile_rows(n, h, 8), [&]() {
+      return DecoderStage<C>{tp, src, w2t.data_ptr<float>(), b2.data_ptr<float>(),
+                             head ? hwt->data_ptr<float>() : nullptr, head ? hb->data_ptr<float>() : nullptr, hout,
+                             hv, out.data_ptr<float>(), {}, {}};
+    });
+  });
+  TORCH_CHECK(ok, "infer_decoder: channels must be 8, 16, 32 or 64");
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encoder_tail_forward", &encoder_tail_forward, "U-Lite encoder tail forward (CPU)");
   m.def("pw_gelu_forward", &pw_gelu_forward, "gelu(1x1 conv) over [M, C] rows (CPU)");
@@ -753,4 +1055,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("axial_weight_grad", &axial_weight_grad, "weight and bias gradients of axial_forward (CPU)");
   m.def("channel_stats", &channel_stats, "per-channel mean and biased variance of [M, C] (CPU)");
   m.def("encoder_tail_backward", &encoder_tail_backward, "U-Lite encoder tail backward (CPU)");
+  m.def("infer_encoder", &infer_encoder, "U-Lite inference encoder stage: axial block, 1x1 convs, max-pool (CPU)");
+  m.def("infer_decoder", &infer_decoder, "U-Lite inference decoder stage: up-add, axial block, 1x1 conv, GELU (CPU)");
 }
