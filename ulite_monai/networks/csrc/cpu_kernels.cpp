@@ -992,7 +992,7 @@ void DecoderStage<C>::operator()(int64_t b, int64_t z, int64_t y) {
         for (int p = 0; p < PH; ++p) {
           alignas(64) float tmp[HV * 8];
           for (int v = 0; v < HV; ++v) store<8>(tmp + v * 8, acc[p][v]);
-          std::memcpy(orow + (x0 + p) * hout, tmp, hout * sizeof(float));
+          for (int64_t o = 0; o < hout; ++o) orow[(x0 + p) * hout + o] = tmp[o];  // a few floats: no memcpy call
         }
       };
       constexpr int PH = HV <= 2 ? 8 : 4;
