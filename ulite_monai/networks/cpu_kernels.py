@@ -1,5 +1,5 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
-"""Fused CPU kernels for U-Lite training (C++, built on first use with ``torch.utils.cpp_extension``).
+"""Fused CPU kernels for U-Lite training and inference (C++, built on first use with ``torch.utils.cpp_extension``).
 
 The full-resolution stages of U-Lite (16-64 channels at 256^2 and 128^2 in the paper's 2D configuration, 8-32
 channels in the 3D bundle) are memory-bound on the CPU, where every stock operator streams whole tensors through
@@ -8,6 +8,13 @@ memory. Three kernels (``csrc/cpu_kernels.cpp``) each replace a chain of them, f
 - :func:`encoder_tail`: an encoder's ``pool(pw(norm(y)))`` and the skip ``norm(y)``;
 - :func:`pointwise_gelu`: a decoder's ``gelu(pw2(x))``;
 - :func:`axial_conv`: the axial block ``x + sum_axis dwconv_axis(x)``.
+
+Two more, forward only, serve the fused inference network (:class:`~ulite_monai.networks.fusion.FusedULite`):
+
+- :func:`infer_encoder`: a whole encoder stage (axial block with the batch norm folded in, the stacked 1x1 convs,
+  max-pool, activation), writing only the pooled output and the projected skip;
+- :func:`infer_decoder`: a whole decoder stage (up-sampling add, axial block, 1x1 conv, GELU, optionally the
+  network's output conv), writing only its output.
 
 Outputs, gradients and running-statistics updates match the stock operators up to float rounding; each function
 returns ``None`` where its kernel does not apply, and the caller runs the stock operators.

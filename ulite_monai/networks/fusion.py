@@ -12,7 +12,10 @@ eval mode, with fewer and cheaper operations:
   the concatenation disappears, and ``pw_b`` joins the encoder's pointwise conv on the same skip;
 - the up-sampling is a broadcast inside the addition, pooling is maxima of strided views, activations
   run in place, the bottleneck's branches are one depthwise conv;
-- by default the network runs in channels-last memory format (faster on CPU with oneDNN).
+- by default the network runs in channels-last memory format (faster on CPU with oneDNN);
+- on the CPU, each encoder and decoder stage of 8-64 channels runs as one pass of the fused C++ kernels
+  (:func:`~ulite_monai.networks.cpu_kernels.infer_encoder`, :func:`~ulite_monai.networks.cpu_kernels.infer_decoder`;
+  the last decoder's pass includes the output conv), which write only each stage's outputs to memory.
 
 :func:`inference_network` also applies :func:`ulite_monai.utils.tune_cpu_allocator` on the CPU.
 """

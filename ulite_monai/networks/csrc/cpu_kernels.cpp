@@ -1,6 +1,6 @@
 // Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
 //
-// U-Lite's fused CPU training kernels (ulite_monai/networks/cpu_kernels.py), for channels-last float32 tensors
+// U-Lite's fused CPU kernels (ulite_monai/networks/cpu_kernels.py), for channels-last float32 tensors
 // viewed as [N, D, H, W, C] (D == 1 in 2D):
 // - the encoder tail: batch-norm affine -> 1x1 conv -> max-pool 2, forward and backward. The 1x1 conv's output only
 //   ever lives in a per-thread buffer of the rows that one pooling window covers; the backward rebuilds, per window,
@@ -9,7 +9,10 @@
 // - the decoder tail: 1x1 conv -> exact GELU, one pass each way, the pre-activation recomputed in the backward;
 // - the axial block: identity plus K taps along every axis, the input gradient being the same kernel with the
 //   taps reversed, and the weight and bias gradients one more pass;
-// - per-channel statistics for the batch norm.
+// - per-channel statistics for the batch norm;
+// - for inference (forward only): a whole encoder stage (axial block with the batch norm folded in, the stacked 1x1
+//   convs, max-pool, activation) and a whole decoder stage (up-sampling add, axial block, 1x1 conv, GELU, optionally
+//   the network's output conv), each writing only its outputs to memory.
 //
 // Encoder-tail names: Ci input channels (the skip), Co output channels, R rows per pooling group (2 in 2D, 4 in
 // 3D), a "window" is the 2R voxels that one pooled value is taken over, numbered j = r * 2 + dw in the order
