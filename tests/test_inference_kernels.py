@@ -1,7 +1,7 @@
-"""The fused CPU inference stages (``infer_encoder`` / ``infer_decoder`` in ``ulite_monai.networks.cpu_kernels``, used by
-:class:`~ulite_monai.networks.fusion.FusedULite`) against the same fused network on PyTorch's stock operators and the
-unfused ULite: 2D and 3D, the paper's and the bundle's widths, the output conv in the last decoder's pass, NaN in the
-max-pool, the activations they cover, and the cases left to the stock operators."""
+"""The fused CPU inference stages (``infer_encoder`` / ``infer_decoder`` in ``ulite_monai.networks.cpu_kernels``,
+used by :class:`~ulite_monai.networks.fusion.FusedULite`) against the same fused network on PyTorch's stock operators
+and the unfused ULite: 2D and 3D, the paper's and the bundle's widths, the output conv in the last decoder's pass, NaN
+in the max-pool, the activations they cover, and the cases left to the stock operators."""
 
 from __future__ import annotations
 
@@ -190,3 +190,20 @@ def test_metatensor_input_keeps_its_type():
         stock = fused(x)
     assert type(out) is type(stock)
     torch.testing.assert_close(out.as_tensor(), stock.as_tensor(), atol=2e-5, rtol=1e-4)
+
+
+def test_dispatch_modes_see_the_stock_operators(monkeypatch):
+    """Under a TorchDispatchMode (here the FLOP counter) the opaque kernel calls would be invisible: the stock
+    operators run, so the count is the same as with the kernels off."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = inference_network(_net(3, (8, 16, 32)))
+    x = torch.randn(1, 1, 16, 16, 16)
+    counts = []
+    for on in (True, False):
+        _set_kernels(fused, on)
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            fused(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -145,9 +145,19 @@ class _EncoderTail(torch.autograd.Function):
         return gy, sum_gx * invstd, sum_g, gw.view(wshape), gb, None, None, None, None, None
 
 
+def _dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` (``FlopCounterMode``, ``FakeTensorMode``, ...) is watching the operators: the
+    kernels' calls are invisible to it, so the stock operators run instead."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - older or newer torch without it
+        return False
+    return _get_current_dispatch_mode() is not None
+
+
 def _eager_cpu_float32_channels_last(x: torch.Tensor) -> bool:
     """What every kernel here needs of its input: a float32 CPU tensor in channels-last memory, in eager mode
-    (not under autocast, ``torch.compile``, TorchScript or tracing)."""
+    (not under autocast, ``torch.compile``, TorchScript, tracing or a dispatch mode such as the FLOP counter)."""
     nd = x.dim() - 2
     return (
         nd in (2, 3)
@@ -158,6 +168,7 @@ def _eager_cpu_float32_channels_last(x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting()
         and not torch.jit.is_tracing()
+        and not _dispatch_mode_active()
     )
 
 
@@ -385,10 +396,11 @@ def inference_input_ok(x: torch.Tensor) -> bool:
 
 def infer_encoder(x: torch.Tensor, taps: torch.Tensor, tap_bias: torch.Tensor, dilation: int, wt: torch.Tensor,
                   bias: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A fused inference encoder stage in one pass: ``y = axial(x) @ wt + bias`` (``taps`` ``[A, K, C]`` and ``tap_bias``
-    with the batch norm folded in, ``wt`` ``[C, 3C]``), returning ``(act(maxpool2(y[:, :2C])), y[:, 2C:])`` as
-    channels-last batches; only the pooled output and the projected skip are written to memory. ``None`` where the
-    kernel does not apply (then run the stock operators): input as for :func:`axial_conv`, no gradient, even sizes."""
+    """A fused inference encoder stage in one pass: ``y = axial(x) @ wt + bias`` (``taps`` ``[A, K, C]`` and
+    ``tap_bias`` with the batch norm folded in, ``wt`` ``[C, 3C]``), returning
+    ``(act(maxpool2(y[:, :2C])), y[:, 2C:])`` as channels-last batches; only the pooled output and the projected skip
+    are written to memory. ``None`` where the kernel does not apply (then run the stock operators): input as for
+    :func:`axial_conv`, no gradient, even sizes."""
     nd = x.dim() - 2
     if not (inference_input_ok(x) and taps.shape[0] == nd and wt.shape == (x.shape[1], 3 * x.shape[1])):
         return None

@@ -312,7 +312,9 @@ def kernel_taps(block: AxialDWConv, scale: torch.Tensor | None = None, shift: to
         and ch in AXIAL_CHANNELS
         and k % 2 == 1
         and k <= 15
-        and all(c.kernel_size[a] == k and c.dilation[a] == dil and c.weight.numel() == ch * k for a, c in enumerate(convs))
+        and all(
+            c.kernel_size[a] == k and c.dilation[a] == dil and c.weight.numel() == ch * k for a, c in enumerate(convs)
+        )
     ):
         return None
     dev = _work_device(convs[0].weight.device)
@@ -411,8 +413,8 @@ class FusedDecoderBlock(nn.Module):
     """``act(pw2(dw(bn(pw(cat(up(x), skip))))))`` as ``act(pw2(dw(up(pw_a(x)) + pw_b(skip))))``.
 
     ``pw_b(skip)`` arrives precomputed from the encoder (see :class:`FusedEncoderBlock`), which gets its
-    weights from :meth:`skip_weight`. On channels-last tensors ``pw_a`` runs with its output channels repeated twice, so its
-    result laid out in memory is already up-sampled along the last axis, and the up-sampling along the other
+    weights from :meth:`skip_weight`. On channels-last tensors ``pw_a`` runs with its output channels repeated twice,
+    so its result laid out in memory is already up-sampled along the last axis, and the up-sampling along the other
     axes is a broadcast inside the addition.
     """
 
@@ -591,7 +593,8 @@ class FusedULite(nn.Module):
                 for i, b in enumerate(net.encoders)
             )
             self.bottleneck = FusedBottleneck(net.bottleneck, merge_axial)
-            self.conv_out = PointwiseConv(net.conv_out) if max(net.conv_out.kernel_size) == 1 else copy.deepcopy(net.conv_out)
+            pointwise_out = max(net.conv_out.kernel_size) == 1
+            self.conv_out = PointwiseConv(net.conv_out) if pointwise_out else copy.deepcopy(net.conv_out)
         # the output 1x1 conv as the last decoder's kernel takes it: weights [C, HP] zero-padded to HP columns
         self.k_head_n = int(net.out_channels)
         head_ready = isinstance(self.conv_out, PointwiseConv) and self.k_head_n <= 32

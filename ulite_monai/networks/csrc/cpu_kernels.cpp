@@ -642,7 +642,9 @@ struct UpAddSource {
     const int64_t lz = three_d ? z / 2 : z;
     return {skip + ((b * d + z) * h + y) * wd * C, lo + ((b * ld + lz) * lh + y / 2) * lw * C};
   }
-  V at(Row r, int64_t xi, int v) const { return load<VW>(r.s + xi * C + v * VW) + load<VW>(r.l + (xi >> 1) * C + v * VW); }
+  V at(Row r, int64_t xi, int v) const {
+    return load<VW>(r.s + xi * C + v * VW) + load<VW>(r.l + (xi >> 1) * C + v * VW);
+  }
 };
 
 // One row (b, z, y) of the axial block over `src`, into dst [W, C].
@@ -796,7 +798,9 @@ at::Tensor axial_forward(const at::Tensor& x, const at::Tensor& w, const at::Ten
     const PlainSource<C> src{x.data_ptr<float>(), d, h, wd};
     float* po = out.data_ptr<float>();
     by_tiles(n, d, h, tile_rows(n, h, 8), [&]() {
-      return [&](int64_t b, int64_t z, int64_t y) { axial_row<C>(tp, src, b, z, y, po + ((b * d + z) * h + y) * wd * C); };
+      return [&](int64_t b, int64_t z, int64_t y) {
+        axial_row<C>(tp, src, b, z, y, po + ((b * d + z) * h + y) * wd * C);
+      };
     });
   });
   TORCH_CHECK(ok, "axial_forward: channels must be 8, 16, 32 or 64");
@@ -832,10 +836,10 @@ inline V activate(V x, int act) {
   return x;
 }
 
-// An inference encoder stage over pooling groups [g0, g1): the axial block (batch norm folded into its taps) of the
-// 2 (2D) or 4 (3D) rows one pooling window covers into a per-thread buffer, then per voxel the 1x1 conv
-// y = a @ wt + bias with wt [C, 3C]: columns [0, 2C) are the stage's output, max-pooled over each 2x2(x2) window
-// and activated, columns [2C, 3C) the next decoder's projection of this skip, stored at full resolution.
+// An inference encoder stage, one pooling group (b, dz, hy) per call (by_tiles): the axial block (batch norm folded
+// into its taps) of the 2 (2D) or 4 (3D) rows one pooling window covers into a per-worker buffer, then per voxel the
+// 1x1 conv y = a @ wt + bias with wt [C, 3C]: columns [0, 2C) are the stage's output, max-pooled over each 2x2(x2)
+// window and activated, columns [2C, 3C) the next decoder's projection of this skip, stored at full resolution.
 // Only the pooled output and the projected skip reach memory.
 template <int C>
 struct EncoderStage {
@@ -946,9 +950,9 @@ void dispatch_head(int64_t hv, const F& body) {
   return body.template operator()<4>();
 }
 
-// An inference decoder stage over rows [r0, r1): the axial block over skip + up(lo) into a row buffer, then per voxel
-// gelu(a @ w2t + b2), and, with a head (the network's output 1x1 conv, hwt [C, HP] zero-padded to HP = 8 * hv
-// columns), out = that @ hwt + hb with only the first `hout` channels stored.
+// An inference decoder stage, one row (b, z, y) per call (by_tiles): the axial block over skip + up(lo) into a row
+// buffer, then per voxel gelu(a @ w2t + b2), and, with a head (the network's output 1x1 conv, hwt [C, HP] zero-padded
+// to HP = 8 * hv columns), out = that @ hwt + hb with only the first `hout` channels stored.
 template <int C>
 struct DecoderStage {
   const AxialTaps<C>& tp;
