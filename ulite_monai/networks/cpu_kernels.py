@@ -145,14 +145,16 @@ class _EncoderTail(torch.autograd.Function):
         return gy, sum_gx * invstd, sum_g, gw.view(wshape), gb, None, None, None, None, None
 
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - a torch without it
+    _get_current_dispatch_mode = None
+
+
 def _dispatch_mode_active() -> bool:
     """Whether a ``TorchDispatchMode`` (``FlopCounterMode``, ``FakeTensorMode``, ...) is watching the operators: the
     kernels' calls are invisible to it, so the stock operators run instead."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # pragma: no cover - older or newer torch without it
-        return False
-    return _get_current_dispatch_mode() is not None
+    return _get_current_dispatch_mode is not None and _get_current_dispatch_mode() is not None
 
 
 def _eager_cpu_float32_channels_last(x: torch.Tensor) -> bool:
@@ -174,6 +176,19 @@ def _eager_cpu_float32_channels_last(x: torch.Tensor) -> bool:
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
+
+
+def _as5(x: torch.Tensor) -> torch.Tensor:
+    """The ``[N, D, H, W, C]`` view of a channels-last 2D or 3D batch's memory (``D == 1`` in 2D)."""
+    nd = x.dim() - 2
+    cl = _plain(x).permute(0, *range(2, nd + 2), 1)
+    return cl if nd == 3 else cl.unsqueeze(1)
+
+
+def _from5(out: torch.Tensor, nd: int) -> torch.Tensor:
+    """A ``[N, D, H, W, C]`` result as an ``N, C, (D,) H, W`` channels-last batch (the same memory)."""
+    out = out if nd == 3 else out.squeeze(1)
+    return out.permute(0, nd + 1, *range(1, nd + 1))
 
 
 def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -355,32 +370,14 @@ def axial_conv(x: torch.Tensor, weights, biases, dilations) -> torch.Tensor | No
     for b in biases:
         if b is not None:
             bias = bias + b
-    plain = _plain(x)
-    cl = plain.permute(0, *range(2, nd + 2), 1)
-    x5 = cl if nd == 3 else cl.unsqueeze(1)
-    out = _AxialConv.apply(x5, bias, int(dilations[0]), ext, tuple(w.shape for w in weights), *weights)
-    if nd == 2:
-        out = out.squeeze(1)
-    return _like_input(out.permute(0, nd + 1, *range(1, nd + 1)), x)
+    out = _AxialConv.apply(_as5(x), bias, int(dilations[0]), ext, tuple(w.shape for w in weights), *weights)
+    return _like_input(_from5(out, nd), x)
 
 
 # ------------------------------------------------------------------------------------------ inference stages
 
 #: activations of the fused inference stages, as the kernels number them
 INFER_ACTS = {"none": 0, "gelu": 1, "relu": 2}
-
-
-def _as5(x: torch.Tensor) -> torch.Tensor:
-    """The ``[N, D, H, W, C]`` view of a channels-last 2D or 3D batch's memory (``D == 1`` in 2D)."""
-    nd = x.dim() - 2
-    cl = _plain(x).permute(0, *range(2, nd + 2), 1)
-    return cl if nd == 3 else cl.unsqueeze(1)
-
-
-def _from5(out: torch.Tensor, nd: int) -> torch.Tensor:
-    """A ``[N, D, H, W, C]`` result as an ``N, C, (D,) H, W`` channels-last batch (the same memory)."""
-    out = out if nd == 3 else out.squeeze(1)
-    return out.permute(0, nd + 1, *range(1, nd + 1))
 
 
 def inference_input_ok(x: torch.Tensor) -> bool:

@@ -388,11 +388,11 @@ class FusedEncoderBlock(nn.Module):
         self.cpu_kernel = True
         self.k_act = code if code is not None else 0
         self.k_dil = taps[2] if taps is not None else 1
-        like = pw.weight
-        for name, value in (("k_taps", taps[0] if taps else None), ("k_bias", taps[1] if taps else None),
-                            ("k_wt", w.t().contiguous() if self.kernel_ready else None),
-                            ("k_pbias", b if self.kernel_ready else None)):
-            self.register_buffer(name, _place(value, like) if self.kernel_ready else None, persistent=False)
+        kernel = {}
+        if self.kernel_ready:
+            kernel = {"k_taps": taps[0], "k_bias": taps[1], "k_wt": w.t().contiguous(), "k_pbias": b}
+        for name in ("k_taps", "k_bias", "k_wt", "k_pbias"):
+            self.register_buffer(name, _place(kernel[name], pw.weight) if kernel else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not torch.jit.is_scripting():
@@ -444,14 +444,13 @@ class FusedDecoderBlock(nn.Module):
         #: run the stage through the fused CPU kernel where it applies (False: the stock operators)
         self.cpu_kernel = True
         self.k_dil = taps[2] if taps is not None else 1
-        like = pw.weight
-        ready = self.kernel_ready
-        w2 = _f64(block.pw2.weight).reshape(ch, ch)
-        for name, value in (("k_taps", taps[0] if ready else None), ("k_bias", taps[1] if ready else None),
-                            ("k_w2t", w2.t().contiguous() if ready else None),
-                            ("k_b2", _bias(block.pw2) if ready else None),
-                            ("k_lo_w", w[:, :n_up] if ready else None), ("k_lo_b", b if ready else None)):
-            self.register_buffer(name, _place(value, like) if ready else None, persistent=False)
+        # the coarse input's projection is pw_up's first ch output channels (all of them unless widened)
+        kernel = {}
+        if self.kernel_ready:
+            w2t = _f64(block.pw2.weight).reshape(ch, ch).t().contiguous()
+            kernel = {"k_taps": taps[0], "k_bias": taps[1], "k_w2t": w2t, "k_b2": _bias(block.pw2)}
+        for name in ("k_taps", "k_bias", "k_w2t", "k_b2"):
+            self.register_buffer(name, _place(kernel[name], pw.weight) if kernel else None, persistent=False)
 
     @staticmethod
     def _folded_pw(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,7 +506,8 @@ class FusedDecoderBlock(nn.Module):
         ``head`` if given), or None where the kernel does not apply."""
         if not (self.kernel_ready and self.cpu_kernel and inference_input_ok(skip)):
             return None
-        lo = pointwise(x, self.k_lo_w, self.k_lo_b, self.spatial_dims)
+        c = skip.shape[1]
+        lo = pointwise(x, self.pw_up.weight[:c], self.pw_up.bias[:c], self.spatial_dims)
         return infer_decoder(skip, lo, self.k_taps, self.k_bias, self.k_dil, self.k_w2t, self.k_b2, head)
 
 

@@ -850,7 +850,7 @@ struct EncoderStage {
   int act;
   float* skip;
   float* pooled;
-  std::vector<float> abuf, ybuf;  // per worker: the axial block's rows, the pooled part of the 1x1 conv's output
+  std::vector<float> abuf, ybuf;  // per worker: the axial block's rows [R, W, C], the 1x1 conv's pooled part [R, W, 2C]
 
   void operator()(int64_t b, int64_t dz, int64_t hy);
 };
@@ -864,49 +864,45 @@ void EncoderStage<C>::operator()(int64_t b, int64_t dz, int64_t hy) {
   const int64_t d = tp.d, h = tp.h, wd = tp.wd;
   const bool pool_d = tp.three_d;
   const int64_t d2 = pool_d ? d / 2 : d, h2 = h / 2, w2 = wd / 2, rows = pool_d ? 4 : 2;
-  abuf.resize(rows * wd * C);
-  ybuf.resize(rows * wd * 2 * C);
   V bias[NO];
   for (int v = 0; v < NO; ++v) bias[v] = load<VW>(pbias + v * VW);
-  {
-    const int64_t grp = (b * d2 + dz) * h2 + hy;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t z = pool_d ? 2 * dz + r / 2 : dz, y = 2 * hy + r % 2;
-      float* a = abuf.data() + r * wd * C;
-      axial_row<C>(tp, src, b, z, y, a);
-      float* yr = ybuf.data() + r * wd * 2 * C;
-      float* sr = skip + ((b * d + z) * h + y) * wd * C;
-      // PP voxels at a time (compile-time counts, so the accumulators stay in registers)
-      auto block = [&]<int PP>(int64_t x0) {
-        V acc[PP][NO];
-        for (int p = 0; p < PP; ++p)
-          for (int v = 0; v < NO; ++v) acc[p][v] = bias[v];
-        for (int c = 0; c < C; ++c) {
-          const float* wc = wt + c * CO;
-          for (int v = 0; v < NO; ++v) {
-            const V wv = load<VW>(wc + v * VW);
-            for (int p = 0; p < PP; ++p) acc[p][v] += a[(x0 + p) * C + c] * wv;
-          }
+  const int64_t grp = (b * d2 + dz) * h2 + hy;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t z = pool_d ? 2 * dz + r / 2 : dz, y = 2 * hy + r % 2;
+    float* a = abuf.data() + r * wd * C;
+    axial_row<C>(tp, src, b, z, y, a);
+    float* yr = ybuf.data() + r * wd * 2 * C;
+    float* sr = skip + ((b * d + z) * h + y) * wd * C;
+    // PP voxels at a time (compile-time counts, so the accumulators stay in registers)
+    auto block = [&]<int PP>(int64_t x0) {
+      V acc[PP][NO];
+      for (int p = 0; p < PP; ++p)
+        for (int v = 0; v < NO; ++v) acc[p][v] = bias[v];
+      for (int c = 0; c < C; ++c) {
+        const float* wc = wt + c * CO;
+        for (int v = 0; v < NO; ++v) {
+          const V wv = load<VW>(wc + v * VW);
+          for (int p = 0; p < PP; ++p) acc[p][v] += a[(x0 + p) * C + c] * wv;
         }
-        for (int p = 0; p < PP; ++p) {
-          for (int v = 0; v < NP; ++v) store<VW>(yr + (x0 + p) * 2 * C + v * VW, acc[p][v]);
-          for (int v = NP; v < NO; ++v) store<VW>(sr + (x0 + p) * C + (v - NP) * VW, acc[p][v]);
-        }
-      };
-      int64_t x0 = 0;
-      for (; x0 + P <= wd; x0 += P) block.template operator()<P>(x0);
-      for (; x0 < wd; ++x0) block.template operator()<1>(x0);
-    }
-    float* out = pooled + grp * w2 * 2 * C;
-    for (int64_t x2 = 0; x2 < w2; ++x2) {
-      for (int v = 0; v < NP; ++v) {
-        V best = load<VW>(ybuf.data() + (2 * x2) * 2 * C + v * VW);
-        for (int64_t j = 1; j < 2 * rows; ++j) {
-          const V x = load<VW>(ybuf.data() + ((j / 2) * wd + 2 * x2 + j % 2) * 2 * C + v * VW);
-          best = ((x > best) | (x != x)) ? x : best;  // NaN propagates, as torch.maximum
-        }
-        store<VW>(out + x2 * 2 * C + v * VW, activate<V>(best, act));
       }
+      for (int p = 0; p < PP; ++p) {
+        for (int v = 0; v < NP; ++v) store<VW>(yr + (x0 + p) * 2 * C + v * VW, acc[p][v]);
+        for (int v = NP; v < NO; ++v) store<VW>(sr + (x0 + p) * C + (v - NP) * VW, acc[p][v]);
+      }
+    };
+    int64_t x0 = 0;
+    for (; x0 + P <= wd; x0 += P) block.template operator()<P>(x0);
+    for (; x0 < wd; ++x0) block.template operator()<1>(x0);
+  }
+  float* out = pooled + grp * w2 * 2 * C;
+  for (int64_t x2 = 0; x2 < w2; ++x2) {
+    for (int v = 0; v < NP; ++v) {
+      V best = load<VW>(ybuf.data() + (2 * x2) * 2 * C + v * VW);
+      for (int64_t j = 1; j < 2 * rows; ++j) {
+        const V x = load<VW>(ybuf.data() + ((j / 2) * wd + 2 * x2 + j % 2) * 2 * C + v * VW);
+        best = ((x > best) | (x != x)) ? x : best;  // NaN propagates, as torch.maximum
+      }
+      store<VW>(out + x2 * 2 * C + v * VW, activate<V>(best, act));
     }
   }
 }
@@ -933,8 +929,10 @@ std::vector<at::Tensor> infer_encoder(const at::Tensor& x, const at::Tensor& tap
     const PlainSource<C> src{x.data_ptr<float>(), d, h, wd};
     // pooling groups (b, dz, hy) in tiles along H swept through D (by_tiles)
     by_tiles(n, d2, h / 2, tile_rows(n, h / 2, 4), [&]() {
+      const int64_t rows = three_d ? 4 : 2;
       return EncoderStage<C>{tp, src, wt.data_ptr<float>(), bias.data_ptr<float>(), static_cast<int>(act),
-                             skip.data_ptr<float>(), pooled.data_ptr<float>(), {}, {}};
+                             skip.data_ptr<float>(), pooled.data_ptr<float>(), std::vector<float>(rows * wd * C),
+                             std::vector<float>(rows * wd * 2 * C)};
     });
   });
   TORCH_CHECK(ok, "infer_encoder: channels must be 8, 16, 32 or 64");
@@ -963,7 +961,7 @@ struct DecoderStage {
   const float* hb;
   int64_t hout, hv;
   float* out;
-  std::vector<float> abuf, gbuf;  // per worker: the axial block's row, the GELU's row (with a head)
+  std::vector<float> abuf, gbuf;  // per worker: the axial block's row [W, C], the GELU's row (with a head)
 
   void operator()(int64_t b, int64_t z, int64_t y);
 };
@@ -971,43 +969,39 @@ struct DecoderStage {
 template <int C>
 void DecoderStage<C>::operator()(int64_t b, int64_t z, int64_t y) {
   const int64_t d = tp.d, h = tp.h, wd = tp.wd;
-  abuf.resize(wd * C);
-  gbuf.resize(hwt != nullptr ? wd * C : 0);
-  {
-    const int64_t row = (b * d + z) * h + y;
-    axial_row<C>(tp, src, b, z, y, abuf.data());
-    float* g = hwt != nullptr ? gbuf.data() : out + row * wd * C;
-    constexpr int PG = C <= 16 ? 8 : 4;  // voxels at a time, as in the head below
-    int64_t xi = 0;
-    for (; xi + PG <= wd; xi += PG)
-      pw_gelu_rows<C, PG, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
-    for (; xi < wd; ++xi)
-      pw_gelu_rows<C, 1, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
-    if (hwt == nullptr) return;
-    float* orow = out + row * wd * hout;
-    dispatch_head(hv, [&]<int HV>() {
-      // PH voxels at a time: independent FMA chains (one voxel's C-long chain alone waits on each FMA's latency)
-      auto block = [&]<int PH>(int64_t x0) {
-        v8 acc[PH][HV];
-        for (int p = 0; p < PH; ++p)
-          for (int v = 0; v < HV; ++v) acc[p][v] = load<8>(hb + v * 8);
-        for (int c = 0; c < C; ++c)
-          for (int v = 0; v < HV; ++v) {
-            const v8 wv = load<8>(hwt + (c * HV + v) * 8);
-            for (int p = 0; p < PH; ++p) acc[p][v] += g[(x0 + p) * C + c] * wv;
-          }
-        for (int p = 0; p < PH; ++p) {
-          alignas(64) float tmp[HV * 8];
-          for (int v = 0; v < HV; ++v) store<8>(tmp + v * 8, acc[p][v]);
-          for (int64_t o = 0; o < hout; ++o) orow[(x0 + p) * hout + o] = tmp[o];  // a few floats: no memcpy call
+  const int64_t row = (b * d + z) * h + y;
+  axial_row<C>(tp, src, b, z, y, abuf.data());
+  float* g = hwt != nullptr ? gbuf.data() : out + row * wd * C;
+  constexpr int PG = C <= 16 ? 8 : 4;  // voxels at a time, as in the head below
+  int64_t xi = 0;
+  for (; xi + PG <= wd; xi += PG)
+    pw_gelu_rows<C, PG, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
+  for (; xi < wd; ++xi)
+    pw_gelu_rows<C, 1, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
+  if (hwt == nullptr) return;
+  float* orow = out + row * wd * hout;
+  dispatch_head(hv, [&]<int HV>() {
+    // PH voxels at a time: independent FMA chains (one voxel's C-long chain alone waits on each FMA's latency)
+    auto block = [&]<int PH>(int64_t x0) {
+      v8 acc[PH][HV];
+      for (int p = 0; p < PH; ++p)
+        for (int v = 0; v < HV; ++v) acc[p][v] = load<8>(hb + v * 8);
+      for (int c = 0; c < C; ++c)
+        for (int v = 0; v < HV; ++v) {
+          const v8 wv = load<8>(hwt + (c * HV + v) * 8);
+          for (int p = 0; p < PH; ++p) acc[p][v] += g[(x0 + p) * C + c] * wv;
         }
-      };
-      constexpr int PH = HV <= 2 ? 8 : 4;
-      int64_t x0 = 0;
-      for (; x0 + PH <= wd; x0 += PH) block.template operator()<PH>(x0);
-      for (; x0 < wd; ++x0) block.template operator()<1>(x0);
-    });
-  }
+      for (int p = 0; p < PH; ++p) {
+        alignas(64) float tmp[HV * 8];
+        for (int v = 0; v < HV; ++v) store<8>(tmp + v * 8, acc[p][v]);
+        for (int64_t o = 0; o < hout; ++o) orow[(x0 + p) * hout + o] = tmp[o];  // a few floats: no memcpy call
+      }
+    };
+    constexpr int PH = HV <= 2 ? 8 : 4;
+    int64_t x0 = 0;
+    for (; x0 + PH <= wd; x0 += PH) block.template operator()<PH>(x0);
+    for (; x0 < wd; ++x0) block.template operator()<1>(x0);
+  });
 }
 
 // Inference decoder stage: skip [N, D, H, W, C] (C in 8, 16, 32, 64; already projected by the encoder), lo
@@ -1047,7 +1041,8 @@ at::Tensor infer_decoder(const at::Tensor& skip, const at::Tensor& lo, const at:
     by_tiles(n, d, h, tile_rows(n, h, 8), [&]() {
       return DecoderStage<C>{tp, src, w2t.data_ptr<float>(), b2.data_ptr<float>(),
                              head ? hwt->data_ptr<float>() : nullptr, head ? hb->data_ptr<float>() : nullptr, hout,
-                             hv, out.data_ptr<float>(), {}, {}};
+                             hv, out.data_ptr<float>(), std::vector<float>(wd * c),
+                             std::vector<float>(head ? wd * c : 0)};
     });
   });
   TORCH_CHECK(ok, "infer_decoder: channels must be 8, 16, 32 or 64");
