@@ -18,7 +18,7 @@ APT_PACKAGES ?= dicom3tools dcmtk orthanc orthanc-dicomweb openssl
 # UTF-8 I/O whatever the machine's locale (torch.compile reads UTF-8 templates with the locale's codec)
 export PYTHONUTF8 = 1
 
-.PHONY: setup kernels demo test test-fast sysdeps bench gpu-check clean help
+.PHONY: setup kernels test-kernels demo test test-fast sysdeps bench gpu-check clean help
 
 help:
 	@echo "make demo | make test | make test-fast | make bench | make gpu-check | make label-server | make clean"
@@ -58,8 +58,14 @@ sysdeps:
 	  $$SUDO systemctl stop orthanc >/dev/null 2>&1 || $$SUDO service orthanc stop >/dev/null 2>&1 || true; \
 	fi
 
-test: setup sysdeps label-venv kernels
+test: setup sysdeps label-venv test-kernels
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# the kernels for both environments the tests use (the Label server's runs ulite_monai too), one compiler each,
+# side by side; a no-op for an environment whose build is cached
+test-kernels: setup label-venv
+	@$(PY) -m ulite_monai.networks.build_kernels & pid=$$!; \
+	$(LABEL_PY) -m ulite_monai.networks.build_kernels || true; wait $$pid || true
 
 # unit tests only (no slow integration tests, no MONAI Label server)
 test-fast: setup kernels

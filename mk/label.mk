@@ -34,6 +34,8 @@ $(LABEL_VENV)/.installed: $(LABEL_REQS) pyproject.toml
 	touch $@
 
 label-server: label-venv
+	@# the fused CPU kernels for this environment, before the server starts (a no-op when cached)
+	-$(LABEL_PY) -m ulite_monai.networks.build_kernels
 	$(LABEL_PY) -m ulite_monai.label.serve --host $(LABEL_HOST) --port $(LABEL_PORT) \
 		$(if $(LABEL_STUDIES),--studies $(LABEL_STUDIES)) $(LABEL_CONF)
 

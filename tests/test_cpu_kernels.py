@@ -268,3 +268,35 @@ def test_axial_conv_leaves_other_blocks_to_the_stock_operators():
     assert axial_conv(xw, [c.weight for c in wide.convs], [c.bias for c in wide.convs], [1, 1]) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert axial_conv(x, weights, biases, [1, 1]) is None
+
+
+def test_a_second_process_reuses_the_build_whatever_ninja_its_path_finds_first(tmp_path):
+    """A process of the same environment whose PATH finds another ninja first (the Label server's is activated, a
+    shell's may not be) loads the cached build instead of compiling again: ninja versions cannot read each other's
+    build logs, so a shared build with two ninjas was rebuilt (about 50 s) every time the other had run last."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    module = load_extension()
+    assert module is not None, "the fused CPU kernels must build (g++ and ninja)"
+    so = Path(module.__file__)
+    log = so.parent / ".ninja_log"
+    before = (so.stat().st_mtime_ns, log.read_bytes() if log.exists() else b"")
+    # a decoy ninja first on PATH: any build through it fails, so a rebuild would show as a failed load too
+    decoy = tmp_path / "ninja"
+    decoy.write_text("#!/bin/sh\necho decoy ninja 1.0.0\nexit 1\n")
+    decoy.chmod(0o755)
+    for first in [str(tmp_path)] + ([os.path.dirname(shutil.which("ninja", path="/usr/bin"))]
+                                    if shutil.which("ninja", path="/usr/bin") else []):
+        env = dict(os.environ, PATH=first + os.pathsep + os.environ.get("PATH", ""))
+        out = subprocess.run(
+            [sys.executable, "-c", "from ulite_monai.networks.cpu_kernels import load_extension as f; m = f(); "
+             "print(m.__file__ if m is not None else None)"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == str(so), out.stderr[-2000:]
+    assert (so.stat().st_mtime_ns, log.read_bytes() if log.exists() else b"") == before, "the build ran again"

@@ -31,6 +31,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -67,15 +68,18 @@ def _cpu_tag() -> str:
 
 
 def _ninja_on_path() -> None:
-    """torch.utils.cpp_extension runs ``ninja`` from PATH; a virtual environment's own ninja (the PyPI package) is not
-    on PATH when its Python runs without activation, so put it there for this process."""
-    if shutil.which("ninja") is not None:
-        return
+    """Put the environment's own ninja (the PyPI package), if it has one, first on PATH for this process, where
+    torch.utils.cpp_extension looks for it. Every process of one environment then builds with the same ninja,
+    whether or not its PATH is activated: ninja versions write build logs the others cannot read, and a ninja that
+    cannot read the log rebuilds (about 50 s)."""
     try:
         import ninja
     except ImportError:
         return
-    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+    bin_dir = str(ninja.BIN_DIR)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
 def kernels_enabled() -> bool:
@@ -102,7 +106,12 @@ def load_extension(verbose: bool = False):
             flags = ["-O3", "-fno-math-errno", "-fopenmp"]
             if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
                 flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-            key = [_SOURCE.read_bytes(), _cpu_tag().encode(), torch.__version__.encode(), " ".join(flags).encode()]
+            # the build's paths and ninja too: two environments with the same torch version (the project's and the
+            # Label server's) would otherwise share one build folder, and each would rebuild it (about 50 s)
+            # whenever the other had been there last (its build file names the other environment's headers)
+            key = [_SOURCE.read_bytes(), _cpu_tag().encode(), torch.__version__.encode(), " ".join(flags).encode(),
+                   os.path.dirname(torch.__file__).encode(), sysconfig.get_paths()["include"].encode(),
+                   str(shutil.which("ninja")).encode()]
             tag = hashlib.sha1(b"\0".join(key)).hexdigest()[:12]
             module = load(name=f"ulite_cpu_kernels_{tag}", sources=[str(_SOURCE)], extra_cflags=flags,
                           extra_ldflags=["-fopenmp"], verbose=verbose)
