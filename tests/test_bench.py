@@ -52,7 +52,7 @@ def test_bundle_inferer_settings_from_bundle_with_overrides(tmp_path):
     from ulite_monai.bundle import Bundle
 
     s, source = bundle_inferer_settings(Bundle(BUNDLE))  # the bundle's own inference.json
-    assert s["roi_size"] == [64, 64, 64] and s["sw_batch_size"] == 2 and s["overlap"] == 0.25
+    assert s["roi_size"] == [128, 128, 128] and s["sw_batch_size"] == 2 and s["overlap"] == 0.25
     assert s["mode"] == "gaussian" and s["features"] == [8, 16, 32, 64, 128]
     assert str(BUNDLE) in source
     b = Bundle(BUNDLE, overrides=["roi_size=[48, 40, 32]", "sw_batch_size=3", "sw_overlap=0.4",
@@ -181,7 +181,7 @@ def test_quick_quality_mode(tmp_path):
         assert 0.0 <= r["dice_mean"] <= 1.0
     assert q["runs"][0]["params"] == 64_178  # the bundle's network_def (features 8..128), not a built-in one
     assert q["runs"][1]["params"] > 4_000_000  # MONAI UNet 16..256 in 3D
-    assert q["patch_size"] == [48, 48, 48] and q["roi_size"] == [64, 64, 64]  # the bundle's settings
+    assert q["patch_size"] == [48, 48, 48] and q["roi_size"] == [128, 128, 128]  # the bundle's settings
     assert "inference.json" in q["data"] and str(BUNDLE) in q["data"]
 
 

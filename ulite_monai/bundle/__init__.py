@@ -10,6 +10,7 @@ from ulite_monai.bundle.config import Bundle, parse_overrides
 from ulite_monai.bundle.helpers import (
     AtomicNibabelWriter,
     AtomicPILWriter,
+    FitSlidingWindowInferer,
     atomic_writer,
     load_network,
     report_evaluation,
@@ -17,7 +18,12 @@ from ulite_monai.bundle.helpers import (
 )
 from ulite_monai.bundle.locate import bundle_root, locate_bundle
 from ulite_monai.bundle.metadata import BundleInfo, read_metadata
-from ulite_monai.bundle.metrics import HD95, MeanSurfaceDistance, SpacingHausdorffDistanceMetric, SpacingSurfaceDistanceMetric
+from ulite_monai.bundle.metrics import (
+    HD95,
+    MeanSurfaceDistance,
+    SpacingHausdorffDistanceMetric,
+    SpacingSurfaceDistanceMetric,
+)
 from ulite_monai.bundle.pipeline import InferencePipeline, resolve_device
 from ulite_monai.bundle.weights import CheckpointError, file_digest, load_weights, read_checkpoint, unwrap_state_dict
 from ulite_monai.data.datalist import list_inputs, load_datalist
@@ -37,6 +43,7 @@ __all__ = [
     "read_checkpoint",
     "unwrap_state_dict",
     "load_network",
+    "FitSlidingWindowInferer",
     "AtomicNibabelWriter",
     "AtomicPILWriter",
     "atomic_writer",

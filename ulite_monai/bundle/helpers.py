@@ -1,22 +1,27 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
 """Helpers the bundle's JSON configs call (``$ulite_monai.bundle.<name>(...)``): the network with its weights,
-an atomic NIfTI writer, and the lines that report a finished training or evaluation."""
+the sliding-window inferer whose windows fit the image, an atomic NIfTI writer, and the lines that report a
+finished training or evaluation."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from monai.data import NibabelWriter, PILWriter
+from monai.inferers import SlidingWindowInferer
 
 from ulite_monai.bundle.weights import load_weights
 from ulite_monai.utils import save_atomically
 
-__all__ = ["load_network", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer", "report_training",
-           "report_evaluation"]
+__all__ = ["load_network", "FitSlidingWindowInferer", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer",
+           "report_training", "report_evaluation"]
 
 
 def load_network(
@@ -40,6 +45,49 @@ def load_network(
     from ulite_monai.networks import inference_network
 
     return inference_network(network_def.to(device).eval(), fuse=fuse).to(device)
+
+
+class FitSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's :class:`~monai.inferers.SlidingWindowInferer` with windows no larger than the image needs.
+
+    Along each axis where the image, rounded up to a multiple of ``size_multiple``, is shorter than ``roi_size``,
+    the window is that rounded length instead. MONAI's inferer would pad the image up to the whole ``roi_size``
+    and compute the padding too: at the bundle's 3 mm a chest CT is about 100 x 80 x 80 voxels, which one
+    128^3 window covers at 3.5 times the voxels it needs. Images larger than ``roi_size`` get the usual windows.
+    With one window the Gaussian weights divide out, so the result is the network on the (rounded) image.
+
+    Args:
+        roi_size: the largest window, as for :class:`~monai.inferers.SlidingWindowInferer`.
+        size_multiple: a shrunk window's lengths are multiples of this: a network's size divisor (16 for the
+            bundle's networks: U-Lite's four poolings, MONAI UNet's four strides).
+        args, kwargs: the rest of :class:`~monai.inferers.SlidingWindowInferer`'s arguments.
+    """
+
+    def __init__(self, roi_size: Sequence[int] | int, *args, size_multiple: int = 16, **kwargs) -> None:
+        super().__init__(roi_size, *args, **kwargs)
+        if int(size_multiple) < 1:
+            raise ValueError(f"size_multiple must be a positive integer, got {size_multiple!r}.")
+        self.size_multiple = int(size_multiple)
+
+    def fitted_roi(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """The window for an image of ``spatial_shape``: ``roi_size`` capped by the rounded image size (a
+        non-positive ``roi_size`` entry, MONAI's "the whole axis", stays as it is)."""
+        roi = self.roi_size
+        roi = (roi,) * len(spatial_shape) if isinstance(roi, int) else tuple(roi)
+        if len(roi) != len(spatial_shape):
+            return roi  # MONAI's own check names the mismatch
+        k = self.size_multiple
+        return tuple(r if r <= 0 else min(int(r), k * math.ceil(int(s) / k)) for r, s in zip(roi, spatial_shape))
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        roi = self.fitted_roi(tuple(inputs.shape[2:]))
+        full = self.roi_size
+        if roi == ((full,) * len(roi) if isinstance(full, int) else tuple(full)):
+            return super().__call__(inputs, network, *args, **kwargs)
+        fitted = copy.copy(self)  # per call: concurrent requests (the Label server) may bring other sizes
+        fitted.roi_size = roi
+        fitted.roi_weight_map = None  # a cached map is for the full window
+        return SlidingWindowInferer.__call__(fitted, inputs, network, *args, **kwargs)
 
 
 class AtomicNibabelWriter(NibabelWriter):
