@@ -34,9 +34,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch, monai, ulite_monai; print('venv ready: torch', torch.__version__, 'monai', monai.__version__)"
 	touch $@
 
-# the fused CPU training kernels (ulite_monai/networks/cpu_kernels.py): compiled once per machine into PyTorch's
-# extension cache (about 45 s), here rather than inside the first training run; a no-op when cached. A machine
-# without a C++ compiler gets a warning and trains with PyTorch's stock operators.
+# the fused CPU training kernels (ulite_monai/networks/cpu_kernels.py): compiled once per machine and venv into
+# PyTorch's extension cache (about 45 s), here rather than inside the first training run; a no-op when cached. A
+# machine without a C++ compiler gets a warning and trains with PyTorch's stock operators.
 kernels: setup
 	-$(PY) -m ulite_monai.networks.build_kernels
 

@@ -19,7 +19,8 @@ Two more, forward only, serve the fused inference network (:class:`~ulite_monai.
 Outputs, gradients and running-statistics updates match the stock operators up to float rounding; each function
 returns ``None`` where its kernel does not apply, and the caller runs the stock operators.
 
-The extension is compiled once per machine into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+The extension is compiled once per machine and environment (each virtual environment, e.g. the project's and the
+MONAI Label server's, has its own build) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``; about 45 s with a C++ compiler). ``python -m ulite_monai.networks.build_kernels``
 builds it ahead of use (``make demo``/``make test`` run it). Without a compiler, or with ``ULITE_CPU_KERNELS=0``,
 the stock operators run instead (one warning names the reason).
