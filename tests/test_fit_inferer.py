@@ -30,6 +30,7 @@ def test_fitted_roi_rounds_the_image_up_and_never_exceeds_roi():
     assert inf.fitted_roi((98, 77, 79)) == (112, 80, 80)
     assert inf.fitted_roi((200, 47, 128)) == (128, 48, 128)
     assert inf.fitted_roi((1, 16, 17)) == (16, 16, 32)
+    assert inf.fitted_roi((0, 5, 16)) == (16, 16, 16)  # an empty axis still gets a window (0 would mean "whole axis")
     assert FitSlidingWindowInferer(roi_size=96).fitted_roi((40, 300)) == (48, 96)
     assert FitSlidingWindowInferer(roi_size=[-1, 64], size_multiple=8).fitted_roi((70, 20)) == (-1, 24)
     with pytest.raises(ValueError, match="size_multiple"):
@@ -103,3 +104,14 @@ def test_the_bundle_uses_it_for_inference_and_validation():
     assert list(inferer.roi_size) == [128, 128, 128] and inferer.sw_batch_size == 2 and inferer.size_multiple == 16
     val = bundle.parser("train").get_parsed_content("validate#inferer")
     assert isinstance(val, FitSlidingWindowInferer) and list(val.roi_size) == [128, 128, 128]
+
+
+def test_an_empty_crop_goes_through_as_with_monai():
+    """A foreground crop that found nothing leaves an axis of size 0; MONAI's inferer pads it to a window and returns
+    an empty output, and so must this one (a window of size 0 made MONAI fail on an importance map of size 0)."""
+    net = _recording_net([])
+    x = torch.zeros(1, 1, 0, 5, 16)
+    fit = FitSlidingWindowInferer(roi_size=[128, 128, 128], sw_batch_size=2, overlap=0.25, mode="gaussian")
+    out = fit(x, net)
+    assert out.shape == SlidingWindowInferer(roi_size=[128] * 3, sw_batch_size=2, mode="gaussian")(x, net).shape
+    assert out.shape == (1, 2, 0, 5, 16)

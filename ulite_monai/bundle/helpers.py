@@ -77,7 +77,10 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
         if len(roi) != len(spatial_shape):
             return roi  # MONAI's own check names the mismatch
         k = self.size_multiple
-        return tuple(r if r <= 0 else min(int(r), k * math.ceil(int(s) / k)) for r, s in zip(roi, spatial_shape))
+        # at least one multiple: an empty axis (a foreground crop that found nothing) still gets a window, as MONAI's
+        # own inferer gives it (a window of 0 would make MONAI take the axis' size, 0, and fail)
+        return tuple(r if r <= 0 else min(int(r), k * max(1, math.ceil(int(s) / k)))
+                     for r, s in zip(roi, spatial_shape))
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         roi = self.fitted_roi(tuple(inputs.shape[2:]))
