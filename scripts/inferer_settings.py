@@ -13,6 +13,9 @@ Usage::
 
     python scripts/inferer_settings.py ../shared/data/real/lung1_image.nrrd ../shared/data/real/lung2_image.nrrd \\
         --settings 64x2 96x2 128x2 128x2fit --repeats 5
+    # on a GPU machine without the scans: random volumes of their inferer-input sizes
+    python scripts/inferer_settings.py --shape 98x77x79 --shape 108x102x101 --shape 200x180x160 --device cuda \\
+        --settings 64x2 128x2 128x2fit 128x8fit
 
 The network is the bundle's (``models/model.pt`` after ``make demo``; random weights without one, which times the
 same). ``--device cuda`` uses the GPU (with the bundle's fp16 autocast).
@@ -41,7 +44,11 @@ def _windows(shape, roi, overlap: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scans", nargs="+", help="image files or DICOM series folders")
+    ap.add_argument("scans", nargs="*", help="image files or DICOM series folders")
+    ap.add_argument("--shape", action="append", default=[], metavar="DxHxW",
+                    help="also time a random volume of this inferer-input size (no scan needed, e.g. on a GPU "
+                         "machine without the data: 98x77x79 and 108x102x101 are lung1 and lung2 after the "
+                         "bundle's preprocessing); repeatable")
     ap.add_argument("--settings", nargs="+", default=["64x2", "128x2", "128x2fit"],
                     help="ROIxSW_BATCH, e.g. 64x2 (a cube of side ROI); a 'fit' suffix uses the bundle's "
                          "FitSlidingWindowInferer (windows capped by the image size rounded up to 16)")
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    if not args.scans and not args.shape:
+        ap.error("give scans, --shape DxHxW, or both")
 
     import torch
     from monai.bundle import ConfigParser
@@ -75,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         settings.append((roi, swb, fit))
     print(f"device {device} amp {amp} overlap {args.overlap} torch {torch.__version__} "
           f"threads {torch.get_num_threads()}")
-    for scan in args.scans:
-        image = pre({"image": scan})["image"].unsqueeze(0).to(device)
+    inputs = [(Path(scan).name, scan) for scan in args.scans]
+    inputs += [(f"random {s}", tuple(int(v) for v in s.lower().split("x"))) for s in args.shape]
+    for name, source in inputs:
+        if isinstance(source, tuple):
+            image = torch.rand((1, 1, *source), generator=torch.Generator().manual_seed(0)).to(device)
+        else:
+            image = pre({"image": source})["image"].unsqueeze(0).to(device)
         shape = tuple(image.shape[2:])
         inferers = [(FitSlidingWindowInferer if f else SlidingWindowInferer)(
             roi_size=(r,) * 3, sw_batch_size=b, overlap=args.overlap, mode="gaussian") for r, b, f in settings]
@@ -94,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                     if rep:
                         times[i].append(time.perf_counter() - t0)
                     else:
-                        labels[i] = out.argmax(1).cpu()
-        print(f"{Path(scan).name}: inferer input {'x'.join(map(str, shape))} ({image.numel() / 1e6:.2f} M voxels)")
+                        labels[i] = out.max(1).indices.cpu()  # torch.argmax over channels is slow on the CPU
+        print(f"{name}: inferer input {'x'.join(map(str, shape))} ({image.numel() / 1e6:.2f} M voxels)")
         for i, (r, b, f) in enumerate(settings):
             differ = int((labels[i] != labels[0]).sum())
             win = inferers[i].fitted_roi(shape) if f else (r,) * 3
