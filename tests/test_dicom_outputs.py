@@ -10,7 +10,7 @@ from support.dicom import dciodvfy_errors, make_standin_bundle, phantom, read_ma
 from support.dicom_write import write_dicom_series
 from test_batch_cli import run_main
 
-from ulite_monai.batch.qc import ReviewRules, confidence, review_reasons
+from ulite_monai.batch.qc import ReviewRules, confidence, foreground_centre, review_reasons
 from ulite_monai.io.dicom_seg import build_dicom_seg, segments_from_channel_def
 from ulite_monai.io.dicom_series import discover_inputs, load_series_volume
 from ulite_monai.io.rtstruct import build_rtstruct, rtstruct_to_labels, source_plane_labels
@@ -142,3 +142,17 @@ def test_batch_writes_every_output_and_flags_review(tmp_path, capsys):
         assert row["confidence"]["mean_fg_probability"] is not None
     assert rows["ok"]["needs_review"] is False and rows["ok"]["review_reasons"] == []
     assert rows["gappy"]["needs_review"] is True and "resampled" in rows["gappy"]["review_reasons"][0]
+
+
+def test_preview_centre_equals_the_centroid_of_the_labelled_voxels():
+    """The QC preview's planes go through the labels' centroid; counted per axis it must equal the mean of the
+    labelled voxels' indices (what ``np.argwhere`` gave, at 16 times the time for large labels)."""
+    rng = np.random.default_rng(3)
+    for shape, p in [((9, 40, 30), 0.5), ((1, 64, 48), 0.02), ((48, 128, 96), 0.65), ((5, 7, 11), 0.0)]:
+        labels = (rng.random(shape) < p).astype(np.uint8) * rng.integers(1, 3, size=shape).astype(np.uint8)
+        fg = np.argwhere(labels > 0)
+        want = (fg.mean(axis=0) if len(fg) else np.asarray(shape) / 2).astype(int)
+        assert foreground_centre(labels) == tuple(int(v) for v in want)
+    one = np.zeros((6, 6, 6), np.uint8)
+    one[5, 0, 3] = 2
+    assert foreground_centre(one) == (5, 0, 3)
