@@ -60,23 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give scans, --shape DxHxW, or both")
 
     import torch
-    from monai.bundle import ConfigParser
     from monai.inferers import SlidingWindowInferer
 
-    from ulite_monai.bundle import FitSlidingWindowInferer
+    from ulite_monai.bundle import Bundle, FitSlidingWindowInferer
 
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
-    parser["bundle_root"] = str(REPO / "bundles" / "ulite")
-    parser["device"] = f"$torch.device('{args.device}')"
     ckpt = REPO / "bundles" / "ulite" / "models" / "model.pt"
     if not ckpt.exists():
-        parser["ckpt_path"] = None
         print("no models/model.pt: random weights (make demo trains one); the timings are the same", file=sys.stderr)
-    net = parser.get_parsed_content("network")
-    pre = parser.get_parsed_content("preprocessing")
-    device = torch.device(args.device)
-    amp = device.type == "cuda"
+    # the bundle's own network (fused as configured) and preprocessing, through the bundle layer
+    pipe = Bundle(REPO / "bundles" / "ulite").pipeline(device=args.device, random_weights=not ckpt.exists(),
+                                                      quiet=True)
+    net, device, amp = pipe.network, pipe.device, pipe.autocast_enabled
     settings = []
     for s in args.settings:
         fit = s.lower().endswith("fit")
@@ -90,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(source, tuple):
             image = torch.rand((1, 1, *source), generator=torch.Generator().manual_seed(0)).to(device)
         else:
-            image = pre({"image": source})["image"].unsqueeze(0).to(device)
+            image = pipe.preprocess(source)[pipe.info.image_key].unsqueeze(0).to(device)
         shape = tuple(image.shape[2:])
         inferers = [(FitSlidingWindowInferer if f else SlidingWindowInferer)(
             roi_size=(r,) * 3, sw_batch_size=b, overlap=args.overlap, mode="gaussian") for r, b, f in settings]
         times: list[list[float]] = [[] for _ in settings]
         labels = [None] * len(settings)
-        with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+        with torch.inference_mode(), pipe.autocast():
             for rep in range(args.repeats + 1):  # the first round warms up
                 for i, inf in enumerate(inferers):
                     if device.type == "cuda":

@@ -58,10 +58,10 @@ def test_output_equals_monai_inferer_with_the_fitted_window(shape):
         assert roi[0] == 128 and n_fit > 1  # the long axis still gets windows of the full roi
     else:
         # one window: the Gaussian weights divide out, so the result is the network on the zero-padded image
-        padded = torch.nn.functional.pad(x, [0, roi[2] - shape[2], 0, roi[1] - shape[1], 0, roi[0] - shape[0]])
-        pad_lo = [(r - s) // 2 for r, s in zip(roi, shape)]
-        ref = net(torch.roll(padded, shifts=pad_lo, dims=(2, 3, 4)))
-        ref = ref[:, :, pad_lo[0]:pad_lo[0] + shape[0], pad_lo[1]:pad_lo[1] + shape[1], pad_lo[2]:pad_lo[2] + shape[2]]
+        lo = [(r - s) // 2 for r, s in zip(roi, shape)]  # MONAI pads each axis evenly, the odd voxel at the end
+        pads = [p for a in (2, 1, 0) for p in (lo[a], roi[a] - shape[a] - lo[a])]
+        ref = net(torch.nn.functional.pad(x, pads))
+        ref = ref[:, :, lo[0]:lo[0] + shape[0], lo[1]:lo[1] + shape[1], lo[2]:lo[2] + shape[2]]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -69,11 +69,13 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
             raise ValueError(f"size_multiple must be a positive integer, got {size_multiple!r}.")
         self.size_multiple = int(size_multiple)
 
+    def _full_roi(self, n: int) -> tuple[int, ...]:
+        return (self.roi_size,) * n if isinstance(self.roi_size, int) else tuple(self.roi_size)
+
     def fitted_roi(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """The window for an image of ``spatial_shape``: ``roi_size`` capped by the rounded image size (a
         non-positive ``roi_size`` entry, MONAI's "the whole axis", stays as it is)."""
-        roi = self.roi_size
-        roi = (roi,) * len(spatial_shape) if isinstance(roi, int) else tuple(roi)
+        roi = self._full_roi(len(spatial_shape))
         if len(roi) != len(spatial_shape):
             return roi  # MONAI's own check names the mismatch
         k = self.size_multiple
@@ -84,8 +86,7 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         roi = self.fitted_roi(tuple(inputs.shape[2:]))
-        full = self.roi_size
-        if roi == ((full,) * len(roi) if isinstance(full, int) else tuple(full)):
+        if roi == self._full_roi(len(roi)):
             return super().__call__(inputs, network, *args, **kwargs)
         fitted = copy.copy(self)  # per call: concurrent requests (the Label server) may bring other sizes
         fitted.roi_size = roi
