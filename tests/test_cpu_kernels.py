@@ -1,6 +1,7 @@
 """The fused CPU kernels (``ulite_monai.networks.cpu_kernels``) against PyTorch's stock operators: the encoder tail
-(batch norm, 1x1 conv and max-pool), the decoder tail (1x1 conv and GELU) and the axial block; outputs, gradients,
-running statistics, tie-breaking of the max-pool, GELU accuracy, and the cases left to the stock operators."""
+(batch norm, 1x1 conv and max-pool), the decoder entry (the skip's 1x1 conv, up-sampling add and batch norm), the
+decoder tail (1x1 conv and GELU) and the axial block; outputs, gradients, running statistics, tie-breaking of the
+max-pool, GELU accuracy, subnormal flushing kept inside the kernels, and the cases left to the stock operators."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 
 from ulite_monai.networks import AxialDWConv, ULite, ULiteDecoderBlock, ULiteEncoderBlock
 from ulite_monai.networks import cpu_kernels
-from ulite_monai.networks.cpu_kernels import axial_conv, encoder_tail, load_extension, pointwise_gelu
+from ulite_monai.networks.cpu_kernels import (axial_conv, decoder_entry, encoder_tail, load_extension,
+                                              pointwise_gelu)
 
 
 def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEncoderBlock:
@@ -186,6 +188,132 @@ def test_fused_decoder_tail_matches_the_stock_operators(dims, channels, coarse):
     for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
         # (pw.bias's gradient is zero up to rounding: batch norm follows that conv)
         assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, name
+
+
+def _decoder(dims: int, channels: int, seed: int = 0, **norm_kw) -> ULiteDecoderBlock:
+    torch.manual_seed(seed)
+    blk = ULiteDecoderBlock(dims, 2 * channels, channels)
+    if norm_kw:
+        blk.norm = (torch.nn.BatchNorm3d if dims == 3 else torch.nn.BatchNorm2d)(channels, **norm_kw)
+    with torch.no_grad():
+        blk.norm.weight.uniform_(0.5, 1.5)
+        blk.norm.bias.uniform_(-0.5, 0.5)
+        if blk.norm.running_mean is not None:
+            blk.norm.running_mean.uniform_(-1, 1)
+            blk.norm.running_var.uniform_(0.5, 2)
+    return blk
+
+
+def _entry_inputs(block: ULiteDecoderBlock, x: torch.Tensor, skip: torch.Tensor):
+    n_up = block.pw.in_channels - block.pw.out_channels
+    lo = F.conv2d(x, block.pw.weight[:, :n_up], block.pw.bias) if x.dim() == 4 else \
+        F.conv3d(x, block.pw.weight[:, :n_up], block.pw.bias)
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return lo.contiguous(memory_format=fmt), skip, block.pw.weight[:, n_up:]
+
+
+@pytest.mark.parametrize(
+    "dims,channels,coarse,norm_kw",
+    [
+        (2, 16, (2, 32, 6, 10), {}),  # the paper's last decoder
+        (2, 32, (3, 64, 4, 3), {"momentum": None}),  # cumulative running average, odd coarse width
+        (2, 64, (1, 128, 2, 4), {}),
+        (2, 8, (2, 16, 5, 5), {"momentum": 0.3}),
+        (3, 8, (2, 16, 3, 2, 4), {}),  # the 3D bundle's last decoder
+        (3, 16, (1, 32, 1, 3, 2), {}),  # a depth of 2: one coarse plane
+        (3, 32, (2, 64, 2, 2, 2), {"track_running_stats": False}),  # batch statistics in eval mode too
+    ],
+)
+def test_fused_decoder_entry_matches_the_stock_operators(dims, channels, coarse, norm_kw):
+    """The decoder's up-sampling add, the skip's half of its 1x1 conv and its batch norm through the fused kernels:
+    outputs, input and parameter gradients and running statistics as the stock operators give them, two training
+    steps then one evaluation step, with inputs whose mean is far from zero (the statistics' shift)."""
+    fused = _decoder(dims, channels, **norm_kw)
+    stock = copy.deepcopy(fused)
+    stock.fused_tail = False
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    fine = (coarse[0], channels) + tuple(2 * s for s in coarse[2:])
+    for mode, steps in (("train", 2), ("eval", 1)):
+        fused.train(mode == "train")
+        stock.train(mode == "train")
+        for step in range(steps):
+            x = (torch.randn(coarse) * 3 + 2).contiguous(memory_format=fmt)
+            skip = (torch.randn(fine) * 2 + 5).contiguous(memory_format=fmt)
+            with torch.no_grad():  # the kernel path must be the one taken (not the stock operators twice)
+                probe = copy.deepcopy(fused)
+                assert decoder_entry(probe.norm, *_entry_inputs(probe, x, skip)) is not None
+            results = []
+            for block in (fused, stock):
+                xi, si = x.clone().requires_grad_(True), skip.clone().requires_grad_(True)
+                out = block(xi, si)
+                out.backward(torch.linspace(-2, 2, out.numel()).view(out.shape))
+                results.append((out, xi.grad, si.grad))
+            (oa, xa, sa), (ob, xb, sb) = results
+            assert oa.is_contiguous(memory_format=fmt)
+            assert (oa - ob).abs().max().item() < 1e-4, (mode, step)
+            assert (xa - xb).abs().max().item() < 1e-4 * xb.abs().max().item() + 1e-6, (mode, step)
+            assert (sa - sb).abs().max().item() < 1e-4 * sb.abs().max().item() + 1e-6, (mode, step)
+            for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
+                # (pw.bias's gradient is zero up to rounding in training: batch norm follows that conv)
+                assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, name
+                pa.grad = pb.grad = None
+            for name, buf in fused.norm.named_buffers():
+                other = dict(stock.norm.named_buffers())[name]
+                assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-6), (mode, step, name)
+
+
+def test_decoder_entry_leaves_other_inputs_to_the_stock_operators(monkeypatch):
+    """decoder_entry returns None (the caller runs the stock operators) for NCHW inputs, channel counts without a
+    compiled kernel, float64, autocast, a norm other than BatchNorm, a coarse input of the wrong size, and with the
+    kernels turned off; a MetaTensor skip gives a MetaTensor."""
+    from monai.data import MetaTensor
+
+    blk = _decoder(2, 16)
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    lo, sk, w = _entry_inputs(blk, x, skip)
+    assert decoder_entry(blk.norm, lo, sk, w) is not None
+    assert decoder_entry(blk.norm, lo.contiguous(), sk.contiguous(), w) is None  # NCHW
+    assert decoder_entry(blk.norm, lo.double(), sk.double(), w.double()) is None
+    assert decoder_entry(blk.norm, lo[:, :, :3], sk, w) is None  # not half the skip's size
+    assert decoder_entry(torch.nn.InstanceNorm2d(16, affine=True), lo, sk, w) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decoder_entry(blk.norm, lo, sk, w) is None
+    odd = _decoder(2, 12)
+    lo12, sk12, w12 = _entry_inputs(odd, torch.randn(2, 24, 4, 4).contiguous(memory_format=torch.channels_last),
+                                    torch.randn(2, 12, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert decoder_entry(odd.norm, lo12, sk12, w12) is None  # no compiled kernel for 12 channels
+    meta = MetaTensor(sk, meta={"filename_or_obj": "case.nii.gz"})
+    out = decoder_entry(blk.norm, lo, meta, w)
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "case.nii.gz"
+    monkeypatch.setenv("ULITE_CPU_KERNELS", "0")
+    assert decoder_entry(blk.norm, lo, sk, w) is None
+
+
+def test_the_kernels_flush_subnormals_inside_only():
+    """The kernels treat subnormal floats as zero (a GELU tail of subnormals costs a microcode assist per value);
+    the thread that called them gets its own floating-point mode back, so PyTorch's subnormals still work after."""
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-39, -3e-40])
+    assert (tiny * 1.0 != 0).all()  # this machine keeps subnormals by default
+    pw, act = torch.nn.Conv2d(16, 16, 1), torch.nn.GELU()
+    x = (torch.randn(2, 16, 8, 8) * 30).contiguous(memory_format=torch.channels_last)  # far into the GELU tails
+    out = pointwise_gelu(pw, act, x)
+    assert out is not None and torch.isfinite(out).all()
+    assert (out - act(pw(x))).abs().max().item() < 1e-4 * out.abs().max().item()
+    eye = torch.nn.Conv2d(8, 8, 1)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+        eye.bias.zero_()
+    # the kernel's GELU tail, x * Phi(x) without cancellation, is a normal float at -12 (about -2e-32) and would be
+    # a subnormal one at -13.5 (about -1e-40): flushed to zero
+    tails = pointwise_gelu(eye, act, torch.tensor([-12.0, -13.5]).repeat_interleave(16).view(1, 2, 2, 8)
+                           .permute(0, 3, 1, 2))
+    assert tails is not None
+    assert (tails[:, :, 0] < -1e-33).all() and (tails[:, :, 0] > -1e-31).all()
+    assert torch.equal(tails[:, :, 1], torch.zeros_like(tails[:, :, 1]))
+    assert torch.equal(tiny * 1.0, tiny)  # the calling thread keeps subnormals
+    assert (torch.tensor([1e-39]) * 0.5).item() != 0
 
 
 def test_fused_gelu_is_accurate_over_a_wide_range():

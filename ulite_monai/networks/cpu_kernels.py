@@ -41,8 +41,8 @@ import torch
 
 from ulite_monai.networks.utils import channels_last_format
 
-__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "infer_encoder",
-           "infer_decoder", "INFER_ACTS", "inference_input_ok", "MAX_TAIL_CHANNELS",
+__all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "decoder_entry",
+           "infer_encoder", "infer_decoder", "INFER_ACTS", "inference_input_ok", "MAX_TAIL_CHANNELS",
            "PW_GELU_CHANNELS", "AXIAL_CHANNELS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -382,6 +382,94 @@ def axial_conv(x: torch.Tensor, weights, biases, dilations) -> torch.Tensor | No
             bias = bias + b
     out = _AxialConv.apply(_as5(x), bias, int(dilations[0]), ext, tuple(w.shape for w in weights), *weights)
     return _like_input(_from5(out, nd), x)
+
+
+class _DecoderEntry(torch.autograd.Function):
+    """``batch_norm(skip @ w^T + up2(lo))`` for ``skip`` ``[N, D, H, W, C]`` and the projected coarse ``lo``; returns
+    the normalised output and the statistics it used (the caller updates the running statistics with them)."""
+
+    @staticmethod
+    def forward(ctx, lo5, skip5, weight, gamma, beta, mean, var, eps, batch_stats, ext):  # noqa: D102
+        c = skip5.shape[-1]
+        w2 = weight.reshape(c, c).contiguous()
+        y, bmean, bvar = ext.decoder_entry_forward(skip5, lo5, w2.t().contiguous(), batch_stats)
+        if batch_stats:
+            mean, var = bmean, bvar
+        invstd = torch.rsqrt(var + eps)
+        a = gamma.detach() * invstd
+        out = torch.addcmul(beta.detach() - mean * a, y, a)
+        ctx.save_for_backward(y, skip5, w2, a, mean, invstd)
+        ctx.flags = (batch_stats, ext, weight.shape, lo5.shape[1])
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _gmean, _gvar):  # noqa: D102
+        y, skip5, w2, a, mean, invstd = ctx.saved_tensors
+        batch_stats, ext, wshape, lo_d = ctx.flags
+        g = g.contiguous()
+        c = y.shape[-1]
+        sum_g, sum_gx = ext.channel_grad_sums(g.view(-1, c), y.view(-1, c), mean)
+        if batch_stats:
+            m = y.numel() // c
+            coef = -a * invstd * invstd * sum_gx / m
+            shift = -a * sum_g / m - mean * coef
+        else:
+            coef = torch.zeros_like(a)
+            shift = torch.zeros_like(a)
+        gskip, glo, gw = ext.decoder_entry_backward(g, y, skip5, w2, a.contiguous(), coef.contiguous(),
+                                                    shift.contiguous(), lo_d)
+        return glo, gskip, gw.view(wshape), sum_gx * invstd, sum_g, None, None, None, None, None
+
+
+def decoder_entry(norm: torch.nn.Module, lo: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor
+                  ) -> torch.Tensor | None:
+    """A decoder's ``norm(up2(lo) + pw_b(skip))`` through the fused kernels (``lo`` the coarse input already through
+    its half of the decoder's 1x1 conv, bias included; ``weight`` ``(C, C, 1...)`` the skip's half), with ``norm``'s
+    running statistics updated as ``norm(...)`` updates them; one pass forward (the sum, its statistics) plus the
+    normalisation, and one pass backward plus a read-only one for the batch norm's sums. ``None`` where it does not
+    apply (then run the stock operators): as :func:`encoder_tail`, for channel counts in :data:`AXIAL_CHANNELS`,
+    ``lo`` channels-last with half ``skip``'s spatial sizes."""
+    nd = skip.dim() - 2
+    c = skip.shape[1]
+    if not (
+        nd in (2, 3)
+        and type(norm) is (torch.nn.BatchNorm2d if nd == 2 else torch.nn.BatchNorm3d)
+        and norm.affine
+        and c in AXIAL_CHANNELS
+        and weight.dtype == torch.float32
+        and tuple(weight.shape[:2]) == (c, c)
+        and all(k == 1 for k in weight.shape[2:])
+        and lo.dim() == skip.dim()
+        and lo.shape[:2] == skip.shape[:2]
+        and all(2 * a == b for a, b in zip(lo.shape[2:], skip.shape[2:]))
+        and _eager_cpu_float32_channels_last(skip)
+        and _eager_cpu_float32_channels_last(lo)
+    ):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    m = skip.numel() // c
+    batch_stats = norm.training or norm.running_mean is None or norm.running_var is None
+    if batch_stats and m < 2:
+        return None  # nn.BatchNorm's own error for a single value per channel
+    if batch_stats:
+        mean = var = torch.empty(0)
+    else:
+        mean, var = norm.running_mean.detach(), norm.running_var.detach()
+    out5, mean, var = _DecoderEntry.apply(_as5(lo), _as5(skip), weight, norm.weight, norm.bias, mean, var,
+                                          float(norm.eps), batch_stats, ext)
+    if batch_stats and norm.training and norm.track_running_stats and norm.running_mean is not None:
+        factor = 0.0
+        if norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        with torch.no_grad():
+            norm.running_mean.lerp_(mean, factor)
+            norm.running_var.lerp_(var * (m / (m - 1)), factor)
+    return _like_input(_from5(out5, nd), skip)
 
 
 # ------------------------------------------------------------------------------------------ inference stages

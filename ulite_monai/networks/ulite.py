@@ -26,7 +26,7 @@ from ulite_monai.networks.axial import (
     resolve_axial_impl,
     upsample_add,
 )
-from ulite_monai.networks.cpu_kernels import axial_conv, encoder_tail, pointwise_gelu
+from ulite_monai.networks.cpu_kernels import axial_conv, decoder_entry, encoder_tail, pointwise_gelu
 from ulite_monai.networks.utils import channels_last_format, check_input, crop_to, pad_to_divisible
 
 __all__ = ["AxialDWConv", "ULiteEncoderBlock", "ULiteDecoderBlock", "ULiteBottleneck", "ULite"]
@@ -214,8 +214,10 @@ class ULiteDecoderBlock(nn.Module):
         self.dw = AxialDWConv(spatial_dims, out_channels, kernel_size, impl=axial_impl)
         self.pw2 = conv_type(out_channels, out_channels, kernel_size=1)
         self.act = get_act_layer(act)
-        #: run the second pointwise conv and the activation through one fused CPU kernel where it applies
-        #: (:func:`~ulite_monai.networks.cpu_kernels.pointwise_gelu`); False keeps the stock operators
+        #: run the skip's half of the first pointwise conv, the up-sampling add and the norm, and the second pointwise
+        #: conv and the activation, through fused CPU kernels where they apply (:func:`~ulite_monai.networks.
+        #: cpu_kernels.decoder_entry`, :func:`~ulite_monai.networks.cpu_kernels.pointwise_gelu`); False keeps the
+        #: stock operators
         self.fused_tail = True
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -235,8 +237,11 @@ class ULiteDecoderBlock(nn.Module):
             return self.reference_forward(x, skip)
         n_up = self.pw.in_channels - self.pw.out_channels  # a Python int, also under torch.compile
         w = self.pw.weight
-        y = upsample_add(pointwise_conv(x, w[:, :n_up], self.pw.bias), pointwise_conv(skip, w[:, n_up:], None))
-        y = self.dw(batch_norm(self.norm, y))
+        lo = pointwise_conv(x, w[:, :n_up], self.pw.bias)
+        y = decoder_entry(self.norm, lo, skip, w[:, n_up:]) if self.fused_tail else None
+        if y is None:
+            y = batch_norm(self.norm, upsample_add(lo, pointwise_conv(skip, w[:, n_up:], None)))
+        y = self.dw(y)
         fused = pointwise_gelu(self.pw2, self.act, y) if self.fused_tail else None
         return fused if fused is not None else self.act(_conv1x1(self.pw2, y))
 

@@ -26,6 +26,9 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -67,10 +70,53 @@ Geometry geometry(const at::Tensor& y, int64_t co, bool pool_d) {
   return g;
 }
 
+// While alive, the calling thread treats subnormal floats as zero, inputs and results (x86's FTZ and DAZ, ARM's FZ),
+// then restores its previous mode. The kernels' GELU tails (exp(-x^2 / 2) for |x| above 13) and gradients of tiny
+// values are subnormal, and each subnormal operation costs a microcode assist of about a hundred cycles: a 1x1 conv
+// + GELU over [32768, 64] whose pre-activations had 10% of them beyond 13 ran 3.3 times slower (15.4 against 4.7 ms
+// on one core). Values below 1.2e-38 become zero, far inside every tolerance the kernels are held to.
+class FlushSubnormals {
+ public:
+  FlushSubnormals() {
+#if defined(__SSE__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040);  // FTZ (bit 15) | DAZ (bit 6)
+#elif defined(__aarch64__)
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    asm volatile("msr fpcr, %0" : : "r"(saved_ | (uint64_t(1) << 24)));  // FZ
+#endif
+  }
+  ~FlushSubnormals() {
+#if defined(__SSE__)
+    _mm_setcsr(saved_);
+#elif defined(__aarch64__)
+    asm volatile("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+
+ private:
+#if defined(__aarch64__)
+  uint64_t saved_ = 0;
+#else
+  unsigned int saved_ = 0;
+#endif
+};
+
+// at::parallel_for with subnormals flushed in every chunk (FlushSubnormals); every kernel here runs through it.
+template <typename F>
+void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    FlushSubnormals flush;
+    f(b, e);
+  });
+}
+
 // Splits [0, total) into `parts` contiguous ranges and runs f(part, begin, end) for each, in parallel.
 template <typename F>
 void by_parts(int64_t total, int64_t parts, const F& f) {
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+  parallel(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) f(p, total * p / parts, total * (p + 1) / parts);
   });
 }
@@ -323,7 +369,7 @@ void second_pass(float* __restrict__ pgy, const float* __restrict__ py, int64_t 
                  const float* coef, const float* shift) {
   constexpr int VW = CI >= 16 ? 16 : 8;
   using V = typename Vec<VW>::type;
-  at::parallel_for(0, m, 2048, [&](int64_t v0, int64_t v1) {
+  parallel(0, m, 2048, [&](int64_t v0, int64_t v1) {
     V sc[CI / VW], co[CI / VW], sh[CI / VW];
     for (int u = 0; u < CI / VW; ++u) {
       sc[u] = load<VW>(scale + u * VW); co[u] = load<VW>(coef + u * VW); sh[u] = load<VW>(shift + u * VW);
@@ -388,7 +434,7 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
     if constexpr (CI > 0) {
       second_pass<CI>(pgy, py, m, scale.data(), coef.data(), shift.data());
     } else {
-      at::parallel_for(0, m, 2048, [&](int64_t v0, int64_t v1) {
+      parallel(0, m, 2048, [&](int64_t v0, int64_t v1) {
         for (int64_t v = v0; v < v1; ++v) {
           float* out = pgy + v * ci;
           const float* yv = py + v * ci;
@@ -717,7 +763,7 @@ inline void axial_row(const AxialTaps<C>& tp, const Src& src, int64_t b, int64_t
 template <typename Make>
 void by_tiles(int64_t n, int64_t d, int64_t h, int64_t t, const Make& make) {
   const int64_t tiles = (h + t - 1) / t;
-  at::parallel_for(0, n * tiles, 1, [&](int64_t u0, int64_t u1) {
+  parallel(0, n * tiles, 1, [&](int64_t u0, int64_t u1) {
     auto work = make();
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / tiles, y0 = (u % tiles) * t, y1 = std::min(h, y0 + t);
@@ -1049,6 +1095,268 @@ at::Tensor infer_decoder(const at::Tensor& skip, const at::Tensor& lo, const at:
   return out;
 }
 
+
+// ------------------------------------------------------------------------------- decoder entry (training)
+
+// A decoder's input up to its batch norm: y = skip @ w^T + nearest_upsample_x2(lo), with skip [N, D, H, W, C], lo
+// [N, D', H / 2, W / 2, C] (the coarse input through its half of the decoder's 1x1 conv, bias included; D' = D / 2
+// in 3D, 1 in 2D) and w [C, C] the skip's half of that conv. The forward writes y and takes y's per-channel
+// statistics in the same pass; the backward turns the batch norm's output gradient into y's on the fly and
+// multiplies it out into the gradients of skip, lo and w in one pass (a second, read-only pass takes the sums the
+// batch norm's backward needs).
+
+struct EntryGeometry {
+  int64_t n, d, h, wd, ld;  // skip's sizes and lo's depth
+  bool three_d;
+  // lo's row under skip's row (b, z, y)
+  int64_t lo_row(int64_t b, int64_t z, int64_t y) const {
+    return ((b * ld + (three_d ? z / 2 : 0)) * (h / 2) + y / 2) * (wd / 2);
+  }
+};
+
+// P voxels of one row from voxel x0: y = lo (up-sampled) + skip @ wt, stored, and y - shift added into the
+// statistics' float accumulators.
+template <int C, int P>
+inline void entry_forward_block(const float* __restrict__ s, const float* __restrict__ lrow, int64_t x0,
+                                const float* __restrict__ wt, float* __restrict__ y,
+                                typename Vec<(C >= 16 ? 16 : 8)>::type* f1, typename Vec<(C >= 16 ? 16 : 8)>::type* f2,
+                                const typename Vec<(C >= 16 ? 16 : 8)>::type* shift) {
+  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int NV = C / VW;
+  using V = typename Vec<VW>::type;
+  V h[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) h[p][v] = load<VW>(lrow + ((x0 + p) >> 1) * C + v * VW);
+  for (int k = 0; k < C; ++k) {
+    V wk[NV];
+    for (int v = 0; v < NV; ++v) wk[v] = load<VW>(wt + k * C + v * VW);
+    for (int p = 0; p < P; ++p) {
+      const float sk = s[p * C + k];
+      for (int v = 0; v < NV; ++v) h[p][v] += sk * wk[v];
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) {
+      store<VW>(y + p * C + v * VW, h[p][v]);
+      const V dv = h[p][v] - shift[v];
+      f1[v] += dv;
+      f2[v] += dv * dv;
+    }
+}
+
+// y [N, D, H, W, C], and with stats its per-channel mean and biased variance (sums of y - y[0] and of its square,
+// float over runs of 64 voxels, double beyond). skip, lo as above; wt [C, C] = w^T (C in 8, 16, 32, 64).
+std::vector<at::Tensor> decoder_entry_forward(const at::Tensor& skip, const at::Tensor& lo, const at::Tensor& wt,
+                                              bool stats) {
+  TORCH_CHECK(skip.dim() == 5 && skip.is_contiguous() && skip.scalar_type() == at::kFloat && lo.dim() == 5 &&
+              lo.is_contiguous() && lo.scalar_type() == at::kFloat && lo.size(4) == skip.size(4) &&
+              wt.is_contiguous() && wt.size(0) == skip.size(4) && wt.size(1) == skip.size(4),
+              "decoder_entry_forward: expected skip [N, D, H, W, C], lo [N, D', H/2, W/2, C], wt [C, C]");
+  const int64_t n = skip.size(0), d = skip.size(1), h = skip.size(2), wd = skip.size(3), c = skip.size(4);
+  TORCH_CHECK(lo.size(0) == n && (d == 1 ? lo.size(1) == 1 : 2 * lo.size(1) == d) && 2 * lo.size(2) == h &&
+              2 * lo.size(3) == wd, "decoder_entry_forward: lo must be skip's size halved (its depth 1 in 2D)");
+  const EntryGeometry eg{n, d, h, wd, lo.size(1), d > 1};
+  auto y = at::empty_like(skip);
+  const int64_t rows = n * d * h;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
+  std::vector<float> shift(c, 0.f);
+  const float *ps = skip.data_ptr<float>(), *pl = lo.data_ptr<float>(), *pwt = wt.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  if (stats) {  // the first voxel's y, the shift of the sums
+    for (int64_t o = 0; o < c; ++o) {
+      float v = pl[o];
+      for (int64_t k = 0; k < c; ++k) v += ps[k] * pwt[k * c + o];
+      shift[o] = v;
+    }
+  }
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
+    constexpr int VW = C >= 16 ? 16 : 8;
+    constexpr int NV = C / VW;
+    using V = typename Vec<VW>::type;
+    by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
+      V sh[NV];
+      for (int v = 0; v < NV; ++v) sh[v] = load<VW>(shift.data() + v * VW);
+      double* d1 = s1.data() + part * C;
+      double* d2 = s2.data() + part * C;
+      alignas(64) float t1[C], t2[C];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (d * h), z = (r / h) % d, yy = r % h;
+        const float* srow = ps + r * wd * C;
+        const float* lrow = pl + eg.lo_row(b, z, yy) * C;
+        float* yrow = py + r * wd * C;
+        for (int64_t x0 = 0; x0 < wd; x0 += 64) {
+          const int64_t x1 = std::min(wd, x0 + 64);
+          V f1[NV], f2[NV];
+          for (int v = 0; v < NV; ++v) { f1[v] = V{}; f2[v] = V{}; }
+          int64_t x = x0;
+          for (; x + 4 <= x1; x += 4)
+            entry_forward_block<C, 4>(srow + x * C, lrow, x, pwt, yrow + x * C, f1, f2, sh);
+          for (; x < x1; ++x) entry_forward_block<C, 1>(srow + x * C, lrow, x, pwt, yrow + x * C, f1, f2, sh);
+          if (stats) {
+            for (int v = 0; v < NV; ++v) { store<VW>(t1 + v * VW, f1[v]); store<VW>(t2 + v * VW, f2[v]); }
+            for (int k = 0; k < C; ++k) { d1[k] += t1[k]; d2[k] += t2[k]; }
+          }
+        }
+      }
+    });
+  });
+  TORCH_CHECK(ok, "decoder_entry_forward: channels must be 8, 16, 32 or 64");
+  auto mean = at::empty({c}, skip.options());
+  auto var = at::empty({c}, skip.options());
+  const int64_t m = rows * wd;
+  for (int64_t k = 0; k < c; ++k) {
+    double a = 0.0, b = 0.0;
+    for (int64_t p = 0; p < parts; ++p) { a += s1[p * c + k]; b += s2[p * c + k]; }
+    const double mu = a / m;
+    mean.data_ptr<float>()[k] = static_cast<float>(mu + shift[k]);
+    var.data_ptr<float>()[k] = static_cast<float>(std::max(0.0, b / m - mu * mu));
+  }
+  return {y, mean, var};
+}
+
+// Per-channel sum(g) and sum(g * (y - mean)) of two [M, C] matrices, in one read of each (float over runs of 64
+// rows, double beyond): what a batch norm's backward needs of its output gradient g and input y.
+std::vector<at::Tensor> channel_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& mean) {
+  TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && y.is_contiguous() && g.sizes() == y.sizes() &&
+              g.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && mean.is_contiguous() &&
+              mean.numel() == g.size(1), "channel_grad_sums: expected g, y [M, C] and mean [C]");
+  const int64_t m = g.size(0), c = g.size(1);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(m / 256 + 1, at::get_num_threads()));
+  std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
+  const float *pg = g.data_ptr<float>(), *py = y.data_ptr<float>(), *pm = mean.data_ptr<float>();
+  by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
+    std::vector<float> f1(c), f2(c);
+    double* d1 = s1.data() + part * c;
+    double* d2 = s2.data() + part * c;
+    for (int64_t r = r0; r < r1; r += 64) {
+      const int64_t e = std::min(r1, r + 64);
+      std::fill(f1.begin(), f1.end(), 0.f);
+      std::fill(f2.begin(), f2.end(), 0.f);
+      for (int64_t i = r; i < e; ++i) {
+        const float* gr = pg + i * c;
+        const float* yr = py + i * c;
+        for (int64_t k = 0; k < c; ++k) {
+          f1[k] += gr[k];
+          f2[k] += gr[k] * (yr[k] - pm[k]);
+        }
+      }
+      for (int64_t k = 0; k < c; ++k) { d1[k] += f1[k]; d2[k] += f2[k]; }
+    }
+  });
+  auto sg = at::zeros({c}, g.options());
+  auto sgx = at::zeros({c}, g.options());
+  for (int64_t k = 0; k < c; ++k) {
+    double a = 0.0, b = 0.0;
+    for (int64_t p = 0; p < parts; ++p) { a += s1[p * c + k]; b += s2[p * c + k]; }
+    sg.data_ptr<float>()[k] = static_cast<float>(a);
+    sgx.data_ptr<float>()[k] = static_cast<float>(b);
+  }
+  return {sg, sgx};
+}
+
+// Four voxels (pointers vg, vy, vs, vo) of the backward: gy = g * scale + y * coef + shift (the batch norm's
+// backward), added into glo; gskip = gy @ w stored; gw += gy^T skip.
+template <int C>
+inline void entry_backward_four(const float* const* vg, const float* const* vy, const float* const* vs,
+                                float* const* vo, const float* __restrict__ w, const typename Vec<(C >= 16 ? 16 : 8)>::type* sc,
+                                const typename Vec<(C >= 16 ? 16 : 8)>::type* co,
+                                const typename Vec<(C >= 16 ? 16 : 8)>::type* sh,
+                                typename Vec<(C >= 16 ? 16 : 8)>::type* glo, float* __restrict__ gw) {
+  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int NV = C / VW;
+  constexpr int P = 4;
+  using V = typename Vec<VW>::type;
+  alignas(64) float gh[P][C];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) {
+      const V gyv = load<VW>(vg[p] + v * VW) * sc[v] + load<VW>(vy[p] + v * VW) * co[v] + sh[v];
+      store<VW>(&gh[p][v * VW], gyv);
+      glo[v] += gyv;
+    }
+  V gx[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) gx[p][v] = V{};
+  for (int c = 0; c < C; ++c) {
+    V wc[NV], acc[NV];
+    for (int v = 0; v < NV; ++v) { wc[v] = load<VW>(w + c * C + v * VW); acc[v] = load<VW>(gw + c * C + v * VW); }
+    for (int p = 0; p < P; ++p) {
+      const float ghc = gh[p][c];
+      for (int v = 0; v < NV; ++v) {
+        gx[p][v] += ghc * wc[v];
+        acc[v] += ghc * load<VW>(vs[p] + v * VW);
+      }
+    }
+    for (int v = 0; v < NV; ++v) store<VW>(gw + c * C + v * VW, acc[v]);
+  }
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) store<VW>(vo[p] + v * VW, gx[p][v]);
+}
+
+// Backward of decoder_entry_forward through the batch norm: g the gradient of the batch norm's output, y the entry's
+// output, skip its input, w [C, C] the skip's weight, gy = g * scale + y * coef + shift per channel. Returns
+// gskip [N, D, H, W, C], glo (lo's shape) and gw [C, C]. One coarse voxel (its 4 or 8 fine voxels) at a time.
+std::vector<at::Tensor> decoder_entry_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor& skip,
+                                               const at::Tensor& w, const at::Tensor& scale, const at::Tensor& coef,
+                                               const at::Tensor& shift, int64_t lo_d) {
+  TORCH_CHECK(g.dim() == 5 && g.is_contiguous() && y.is_contiguous() && skip.is_contiguous() &&
+              g.sizes() == y.sizes() && g.sizes() == skip.sizes() && g.scalar_type() == at::kFloat &&
+              w.is_contiguous() && w.size(0) == g.size(4) && w.size(1) == g.size(4) && scale.is_contiguous() &&
+              coef.is_contiguous() && shift.is_contiguous(), "decoder_entry_backward: bad shapes");
+  const int64_t n = g.size(0), d = g.size(1), h = g.size(2), wd = g.size(3), c = g.size(4);
+  TORCH_CHECK(h % 2 == 0 && wd % 2 == 0 && (d == 1 ? lo_d == 1 : 2 * lo_d == d),
+              "decoder_entry_backward: even sizes, lo's depth half the skip's (1 in 2D)");
+  const bool three_d = d > 1;
+  const int64_t h2 = h / 2, w2 = wd / 2;
+  const int64_t coarse_rows = n * lo_d * h2;
+  const int64_t parts = num_parts(coarse_rows);
+  auto gskip = at::empty_like(g);
+  auto glo = at::empty({n, lo_d, h2, w2, c}, g.options());
+  std::vector<float> acc_w(parts * c * c, 0.f);
+  const float *pg = g.data_ptr<float>(), *py = y.data_ptr<float>(), *ps = skip.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  float *po = gskip.data_ptr<float>(), *pl = glo.data_ptr<float>();
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
+    constexpr int VW = C >= 16 ? 16 : 8;
+    constexpr int NV = C / VW;
+    using V = typename Vec<VW>::type;
+    V sc[NV], co[NV], sh[NV];
+    for (int v = 0; v < NV; ++v) {
+      sc[v] = load<VW>(scale.data_ptr<float>() + v * VW);
+      co[v] = load<VW>(coef.data_ptr<float>() + v * VW);
+      sh[v] = load<VW>(shift.data_ptr<float>() + v * VW);
+    }
+    by_parts(coarse_rows, parts, [&](int64_t part, int64_t q0, int64_t q1) {
+      float* gw = acc_w.data() + part * C * C;
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t b = q / (lo_d * h2), lz = (q / h2) % lo_d, ly = q % h2;
+        const int64_t zs = three_d ? 2 : 1;
+        // the fine rows under coarse row q: (z, y) for z in the 1 or 2 planes, y in 2 rows
+        int64_t fine[4];
+        for (int64_t dz = 0; dz < zs; ++dz)
+          for (int64_t dy = 0; dy < 2; ++dy)
+            fine[dz * 2 + dy] = ((b * d + (three_d ? 2 * lz + dz : 0)) * h + 2 * ly + dy) * wd * C;
+        float* lrow = pl + q * w2 * C;
+        for (int64_t lx = 0; lx < w2; ++lx) {
+          V glv[NV];
+          for (int v = 0; v < NV; ++v) glv[v] = V{};
+          for (int64_t dz = 0; dz < zs; ++dz) {
+            const int64_t o0 = fine[dz * 2] + 2 * lx * C, o1 = fine[dz * 2 + 1] + 2 * lx * C;
+            const float* vg[4] = {pg + o0, pg + o0 + C, pg + o1, pg + o1 + C};
+            const float* vy[4] = {py + o0, py + o0 + C, py + o1, py + o1 + C};
+            const float* vs[4] = {ps + o0, ps + o0 + C, ps + o1, ps + o1 + C};
+            float* vo[4] = {po + o0, po + o0 + C, po + o1, po + o1 + C};
+            entry_backward_four<C>(vg, vy, vs, vo, pw, sc, co, sh, glv, gw);
+          }
+          for (int v = 0; v < NV; ++v) store<VW>(lrow + lx * C + v * VW, glv[v]);
+        }
+      }
+    });
+  });
+  TORCH_CHECK(ok, "decoder_entry_backward: channels must be 8, 16, 32 or 64");
+  return {gskip, glo, sum_parts(acc_w, parts, {c, c}, g.options())};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encoder_tail_forward", &encoder_tail_forward, "U-Lite encoder tail forward (CPU)");
   m.def("pw_gelu_forward", &pw_gelu_forward, "gelu(1x1 conv) over [M, C] rows (CPU)");
@@ -1058,5 +1366,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_stats", &channel_stats, "per-channel mean and biased variance of [M, C] (CPU)");
   m.def("encoder_tail_backward", &encoder_tail_backward, "U-Lite encoder tail backward (CPU)");
   m.def("infer_encoder", &infer_encoder, "U-Lite inference encoder stage: axial block, 1x1 convs, max-pool (CPU)");
+  m.def("decoder_entry_forward", &decoder_entry_forward, "U-Lite decoder entry: skip 1x1 conv + up-add (CPU)");
+  m.def("decoder_entry_backward", &decoder_entry_backward, "U-Lite decoder entry backward through its batch norm");
+  m.def("channel_grad_sums", &channel_grad_sums, "per-channel sum(g) and sum(g * (y - mean)) (CPU)");
   m.def("infer_decoder", &infer_decoder, "U-Lite inference decoder stage: up-add, axial block, 1x1 conv, GELU (CPU)");
 }
