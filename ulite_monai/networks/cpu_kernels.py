@@ -3,9 +3,11 @@
 
 The full-resolution stages of U-Lite (16-64 channels at 256^2 and 128^2 in the paper's 2D configuration, 8-32
 channels in the 3D bundle) are memory-bound on the CPU, where every stock operator streams whole tensors through
-memory. Three kernels (``csrc/cpu_kernels.cpp``) each replace a chain of them, forward and backward:
+memory. Four kernels (``csrc/cpu_kernels.cpp``) each replace a chain of them, forward and backward:
 
 - :func:`encoder_tail`: an encoder's ``pool(pw(norm(y)))`` and the skip ``norm(y)``;
+- :func:`decoder_entry`: a decoder's ``norm(up2(lo) + pw_b(skip))`` (its 1x1 conv split as in
+  :class:`~ulite_monai.networks.ULiteDecoderBlock`);
 - :func:`pointwise_gelu`: a decoder's ``gelu(pw2(x))``;
 - :func:`axial_conv`: the axial block ``x + sum_axis dwconv_axis(x)``.
 
@@ -16,8 +18,9 @@ Two more, forward only, serve the fused inference network (:class:`~ulite_monai.
 - :func:`infer_decoder`: a whole decoder stage (up-sampling add, axial block, 1x1 conv, GELU, optionally the
   network's output conv), writing only its output.
 
-Outputs, gradients and running-statistics updates match the stock operators up to float rounding; each function
-returns ``None`` where its kernel does not apply, and the caller runs the stock operators.
+Outputs, gradients and running-statistics updates match the stock operators up to float rounding (the kernels treat
+subnormal floats, below 1.2e-38, as zero: each one would cost a microcode assist); each function returns ``None``
+where its kernel does not apply, and the caller runs the stock operators.
 
 The extension is compiled once per machine and environment (each virtual environment, e.g. the project's and the
 MONAI Label server's, has its own build) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default

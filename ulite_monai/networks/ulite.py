@@ -326,8 +326,8 @@ class ULite(nn.Module):
     gradients match the reference computation up to float rounding, in training and eval mode. ``"auto"``
     (default) picks by the input's device on every call: ``"merged"`` on the CPU, ``"views"`` on CUDA and other
     devices, ``"reference"`` for 1D networks and under TorchScript. On the CPU the encoders' norm, 1x1 conv and
-    pooling, the decoders' last 1x1 conv and GELU, and the axial blocks run through fused C++ kernels where they
-    apply (:mod:`ulite_monai.networks.cpu_kernels`). For inference,
+    pooling, the decoders' skip conv, up-sampling add and norm, their last 1x1 conv and GELU, and the axial blocks
+    run through fused C++ kernels where they apply (:mod:`ulite_monai.networks.cpu_kernels`). For inference,
     :func:`~ulite_monai.networks.fuse_ulite` is faster still (BatchNorm folded).
 
     Args:

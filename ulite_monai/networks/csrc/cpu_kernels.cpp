@@ -6,6 +6,8 @@
 //   ever lives in a per-thread buffer of the rows that one pooling window covers; the backward rebuilds, per window,
 //   the conv output's gradient (zero but at each maximum) and multiplies it out densely for the compiled channel
 //   pairs (a sparse scatter per maximum for the others);
+// - the decoder entry: the skip's 1x1 conv + nearest up-sampling add, with the batch norm's statistics in the same
+//   pass; backward through the batch norm into the skip's, the coarse input's and the weight's gradients in one pass;
 // - the decoder tail: 1x1 conv -> exact GELU, one pass each way, the pre-activation recomputed in the backward;
 // - the axial block: identity plus K taps along every axis, the input gradient being the same kernel with the
 //   taps reversed, and the weight and bias gradients one more pass;
