@@ -1,6 +1,7 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
 """Transforms the bundles' chains use beyond MONAI's: input checks that name the file, the channel and
-intensity conventions of 2D images, overlay previews, and MONAI's ``AsDiscreted`` with a faster argmax."""
+intensity conventions of 2D images, overlay previews, MONAI's ``AsDiscreted`` with a faster argmax, and MONAI's
+``Spacingd`` with a faster inverse."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import AsDiscrete, AsDiscreted, MapTransform
+from monai.transforms import AsDiscrete, AsDiscreted, MapTransform, Spacingd
 
 __all__ = ["CheckChannelsd", "CheckLabelsd", "EnsureChannelsd", "ScaleToUnitd", "SaveOverlayd", "FastAsDiscrete",
-           "FastAsDiscreted", "source_name"]
+           "FastAsDiscreted", "SeparableSpacingd", "separable_inverse", "separable_resample", "source_name"]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -257,3 +258,115 @@ class FastAsDiscreted(AsDiscreted):
         converter = FastAsDiscrete()
         converter.kwargs = self.converter.kwargs
         self.converter = converter
+
+
+def _interp_axis(x: torch.Tensor, dim: int, coords: torch.Tensor, zeros: bool) -> torch.Tensor:
+    """``x`` interpolated linearly along ``dim`` at the (float64, CPU) voxel coordinates ``coords``, as ``grid_sample``
+    samples one axis: ``border`` padding clamps the coordinate into the axis, ``zeros`` gives voxels outside it no
+    weight."""
+    n = x.shape[dim]
+    c = coords if zeros else coords.clamp(0, n - 1)
+    lo = torch.floor(c)
+    w1 = c - lo
+    w0 = 1.0 - w1
+    i0 = lo.long()
+    i1 = i0 + 1
+    if zeros:
+        w0 = torch.where((i0 >= 0) & (i0 < n), w0, torch.zeros_like(w0))
+        w1 = torch.where((i1 >= 0) & (i1 < n), w1, torch.zeros_like(w1))
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    i0, i1 = i0.clamp(0, n - 1).to(x.device), i1.clamp(0, n - 1).to(x.device)
+    w1 = w1.to(device=x.device, dtype=x.dtype).view(shape)
+    if not zeros:  # the weights sum to 1: one pass
+        return torch.lerp(x.index_select(dim, i0), x.index_select(dim, i1), w1)
+    w0 = w0.to(device=x.device, dtype=x.dtype).view(shape)
+    return x.index_select(dim, i0) * w0 + x.index_select(dim, i1) * w1
+
+
+def separable_resample(img: torch.Tensor, scale, offset, spatial_size, padding_mode: str = "border") -> torch.Tensor:
+    """``img`` ``[C, *S]`` resampled with bilinear interpolation onto a grid of ``spatial_size`` whose voxel ``i`` sits
+    at input voxel ``scale * i + offset`` per axis (an axis-aligned affine map; ``scale`` may be negative), with
+    ``grid_sample``'s ``"border"`` or ``"zeros"`` padding. The same values as ``grid_sample`` on that grid up to float
+    rounding (its bilinear weights are the products of these per-axis ones), one axis at a time: the axes that shrink
+    the image first."""
+    order = sorted(range(len(spatial_size)), key=lambda a: spatial_size[a] / img.shape[a + 1])
+    out = img
+    for a in order:
+        coords = torch.arange(int(spatial_size[a]), dtype=torch.float64) * float(scale[a]) + float(offset[a])
+        out = _interp_axis(out, a + 1, coords, padding_mode == "zeros")
+    return out
+
+
+def separable_inverse(resampler, img):
+    """The inverse of MONAI's ``SpatialResample`` (the resampler inside ``Spacing``) on ``img`` through
+    :func:`separable_resample`, where that applies: a ``MetaTensor`` whose last traced transform is ``resampler``'s,
+    with no pending (lazy) operations, resampled ``bilinear`` with ``border`` or ``zeros`` padding and
+    ``align_corners=False`` (``Spacing``'s defaults), and an axis-aligned map between the two grids (any scale,
+    shift and flip: what ``Spacing`` does to any image, oblique ones included, as it keeps the directions). Pops the
+    transform and returns the image on the original grid with the metadata MONAI's own inverse gives it; ``None``
+    (nothing popped) where it does not apply, so that MONAI's inverse runs."""
+    import numpy as np
+    from monai.data import MetaTensor
+    from monai.data.utils import to_affine_nd
+    from monai.transforms.inverse import TraceableTransform
+    from monai.data.meta_obj import get_track_meta
+    from monai.utils import TraceKeys, convert_to_tensor
+    from monai.utils.type_conversion import get_torch_dtype_from_string
+
+    if not isinstance(img, MetaTensor) or img.pending_operations or not get_track_meta():
+        return None
+    try:
+        op = resampler.get_most_recent_transform(img)
+    except (RuntimeError, ValueError, IndexError, KeyError):
+        return None  # MONAI's inverse raises its own error
+    info = op.get(TraceKeys.EXTRA_INFO, {})
+    size = [int(s) for s in op.get(TraceKeys.ORIG_SIZE, ())]
+    rank = len(size)
+    if (info.get("mode") != "bilinear" or info.get("padding_mode") not in ("border", "zeros") or rank not in (2, 3)
+            or info.get("align_corners") not in (False, TraceKeys.NONE) or img.dim() != rank + 1
+            or "src_affine" not in info):
+        return None  # (align_corners=True: MONAI 1.5 and 1.6 map its grids differently; theirs is the reference)
+    src = to_affine_nd(rank, img.affine.detach().cpu().to(torch.float64)).numpy()
+    dst = to_affine_nd(rank, torch.as_tensor(info["src_affine"]).detach().cpu().to(torch.float64)).numpy()
+    try:
+        xform = np.linalg.solve(src, dst)  # original voxel -> current voxel
+    except np.linalg.LinAlgError:
+        return None
+    lin = xform[:rank, :rank]
+    diag = np.diag(lin)
+    if np.abs(lin - np.diag(diag)).max() > 1e-6 * max(1.0, np.abs(diag).max()):
+        return None  # rotates or shears: MONAI's grid_sample
+    if np.allclose(xform, np.eye(rank + 1), atol=1e-3) and list(img.shape[1:]) == size:
+        return None  # MONAI returns the image as it is
+    resampler.pop_transform(img)
+    dtype = get_torch_dtype_from_string(info.get("dtype", "float32"))
+    data = separable_resample(img.as_tensor().to(dtype), diag, xform[:rank, rank], size, info["padding_mode"])
+    with resampler.trace_transform(False):
+        meta = TraceableTransform.track_transform_meta(
+            img, sp_size=torch.tensor(size), affine=torch.as_tensor(xform), extra_info={}, orig_size=img.shape[1:],
+            transform_info=resampler.get_transform_info(), lazy=False)
+    out = convert_to_tensor(data, dtype=torch.float32, track_meta=True, wrap_sequence=True)
+    return out.copy_meta_from(meta)
+
+
+class SeparableSpacingd(Spacingd):
+    """MONAI's :class:`~monai.transforms.Spacingd` (the same arguments and forward) whose inverse resamples one axis at
+    a time (:func:`separable_inverse`) where the map between the grids is axis-aligned, as it is for every image
+    the bundles resample, and the interpolation bilinear (probabilities); other cases get MONAI's inverse: rotations,
+    ``nearest`` (``Invertd``'s ``nearest_interp`` for labels: at exact half-voxel positions the chosen neighbour
+    would depend on float rounding, and MONAI's choice is the reference), spline orders, ``reflection`` padding,
+    lazy resampling.
+
+    ``Invertd`` puts a prediction back on its image's grid through this inverse. MONAI's builds a sampling grid of
+    the whole original image and calls ``grid_sample``: for a 512x512x48 CT with two channels of probabilities, 0.24
+    + 0.57 s (2 cores), about 70% of the bundle's postprocessing and eight times the network. One axis at a time
+    takes the same values (up to float rounding) in a fraction of that.
+    """
+
+    def inverse(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            out = separable_inverse(self.spacing_transform.sp_resample, d[key])
+            d[key] = out if out is not None else self.spacing_transform.inverse(d[key])
+        return d
