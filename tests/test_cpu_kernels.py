@@ -18,12 +18,12 @@ from ulite_monai.networks.cpu_kernels import (axial_conv, decoder_entry, encoder
                                               pointwise_gelu)
 
 
-def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEncoderBlock:
-    torch.manual_seed(seed)
-    blk = ULiteEncoderBlock(dims, cin, cout)
+def _with_norm(blk, dims: int, channels: int, **norm_kw):
+    """``blk`` with its batch norm replaced (``norm_kw``) and its affine parameters and running statistics
+    randomised, so that a kernel that ignored one of them would show."""
     if norm_kw:
         cls = torch.nn.BatchNorm3d if dims == 3 else torch.nn.BatchNorm2d
-        blk.norm = cls(cin, **norm_kw)
+        blk.norm = cls(channels, **norm_kw)
     with torch.no_grad():
         blk.norm.weight.uniform_(0.5, 1.5)
         blk.norm.bias.uniform_(-0.5, 0.5)
@@ -31,6 +31,33 @@ def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEnc
             blk.norm.running_mean.uniform_(-1, 1)
             blk.norm.running_var.uniform_(0.5, 2)
     return blk
+
+
+def _block(dims: int, cin: int, cout: int, seed: int = 0, **norm_kw) -> ULiteEncoderBlock:
+    torch.manual_seed(seed)
+    return _with_norm(ULiteEncoderBlock(dims, cin, cout), dims, cin, **norm_kw)
+
+
+def _decoder_steps(blocks, x: torch.Tensor, skip: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(output, gradient of x, gradient of skip) of each decoder block for the same inputs and output gradient."""
+    results = []
+    for block in blocks:
+        xi, si = x.clone().requires_grad_(True), skip.clone().requires_grad_(True)
+        out = block(xi, si)
+        out.backward(torch.linspace(-2, 2, out.numel()).view(out.shape))
+        results.append((out, xi.grad, si.grad))
+    return results
+
+
+def _assert_same_gradients_and_statistics(fused, stock, where) -> None:
+    """Every parameter's gradient (then cleared) and the batch norm's running statistics of two twin blocks agree.
+    The gradient tolerance has an absolute part for the ones that are zero up to rounding."""
+    for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
+        assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, (where, name)
+        pa.grad = pb.grad = None
+    for name, buf in fused.norm.named_buffers():
+        other = dict(stock.norm.named_buffers())[name]
+        assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-6), (where, name)
 
 
 def _step(blk, x, gz, gs):
@@ -78,13 +105,8 @@ def test_fused_tail_matches_the_stock_operators(dims, cin, cout, shape, norm_kw)
             assert (za - zb).abs().max().item() < 1e-4, (mode, step)
             assert (sa - sb).abs().max().item() < 1e-5, (mode, step)
             assert (ga - gb).abs().max().item() < 1e-4 * gb.abs().max().item() + 1e-6, (mode, step)
-            for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
-                # (the axial biases' gradients are zero up to rounding: batch norm cancels a per-channel shift)
-                assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, name
-                pa.grad = pb.grad = None
-            for name, buf in fused.norm.named_buffers():
-                other = dict(stock.norm.named_buffers())[name]
-                assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-6), (mode, step, name)
+            # (the axial biases' gradients are zero up to rounding: batch norm cancels a per-channel shift)
+            _assert_same_gradients_and_statistics(fused, stock, (mode, step))
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -174,13 +196,7 @@ def test_fused_decoder_tail_matches_the_stock_operators(dims, channels, coarse):
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
     x = (torch.randn(coarse) * 3).contiguous(memory_format=fmt)
     skip = torch.randn((coarse[0], channels) + tuple(2 * s for s in coarse[2:])).contiguous(memory_format=fmt)
-    results = []
-    for block in (fused, stock):
-        xi, si = x.clone().requires_grad_(True), skip.clone().requires_grad_(True)
-        out = block(xi, si)
-        out.backward(torch.linspace(-2, 2, out.numel()).view(out.shape))
-        results.append((out, xi.grad, si.grad))
-    (oa, xa, sa), (ob, xb, sb) = results
+    (oa, xa, sa), (ob, xb, sb) = _decoder_steps((fused, stock), x, skip)
     assert oa.is_contiguous(memory_format=fmt)
     assert (oa - ob).abs().max().item() < 2e-6
     assert (xa - xb).abs().max().item() < 1e-5 * xb.abs().max().item() + 1e-6
@@ -192,16 +208,7 @@ def test_fused_decoder_tail_matches_the_stock_operators(dims, channels, coarse):
 
 def _decoder(dims: int, channels: int, seed: int = 0, **norm_kw) -> ULiteDecoderBlock:
     torch.manual_seed(seed)
-    blk = ULiteDecoderBlock(dims, 2 * channels, channels)
-    if norm_kw:
-        blk.norm = (torch.nn.BatchNorm3d if dims == 3 else torch.nn.BatchNorm2d)(channels, **norm_kw)
-    with torch.no_grad():
-        blk.norm.weight.uniform_(0.5, 1.5)
-        blk.norm.bias.uniform_(-0.5, 0.5)
-        if blk.norm.running_mean is not None:
-            blk.norm.running_mean.uniform_(-1, 1)
-            blk.norm.running_var.uniform_(0.5, 2)
-    return blk
+    return _with_norm(ULiteDecoderBlock(dims, 2 * channels, channels), dims, channels, **norm_kw)
 
 
 def _entry_inputs(block: ULiteDecoderBlock, x: torch.Tensor, skip: torch.Tensor):
@@ -242,24 +249,13 @@ def test_fused_decoder_entry_matches_the_stock_operators(dims, channels, coarse,
             with torch.no_grad():  # the kernel path must be the one taken (not the stock operators twice)
                 probe = copy.deepcopy(fused)
                 assert decoder_entry(probe.norm, *_entry_inputs(probe, x, skip)) is not None
-            results = []
-            for block in (fused, stock):
-                xi, si = x.clone().requires_grad_(True), skip.clone().requires_grad_(True)
-                out = block(xi, si)
-                out.backward(torch.linspace(-2, 2, out.numel()).view(out.shape))
-                results.append((out, xi.grad, si.grad))
-            (oa, xa, sa), (ob, xb, sb) = results
+            (oa, xa, sa), (ob, xb, sb) = _decoder_steps((fused, stock), x, skip)
             assert oa.is_contiguous(memory_format=fmt)
             assert (oa - ob).abs().max().item() < 1e-4, (mode, step)
             assert (xa - xb).abs().max().item() < 1e-4 * xb.abs().max().item() + 1e-6, (mode, step)
             assert (sa - sb).abs().max().item() < 1e-4 * sb.abs().max().item() + 1e-6, (mode, step)
-            for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
-                # (pw.bias's gradient is zero up to rounding in training: batch norm follows that conv)
-                assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, name
-                pa.grad = pb.grad = None
-            for name, buf in fused.norm.named_buffers():
-                other = dict(stock.norm.named_buffers())[name]
-                assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-6), (mode, step, name)
+            # (pw.bias's gradient is zero up to rounding in training: batch norm follows that conv)
+            _assert_same_gradients_and_statistics(fused, stock, (mode, step))
 
 
 def test_decoder_entry_leaves_other_inputs_to_the_stock_operators(monkeypatch):

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 #if defined(__SSE__)
 #include <immintrin.h>
@@ -448,19 +449,13 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
   return {gy, gw, gb, sg, sgx};
 }
 
-// Per-channel mean and biased variance of a [M, C] matrix (a channels-last tensor's memory), in one pass: sums of
-// x - x[0] and of its square (shifted by the first row, so a large mean does not cancel the variance), float over
-// runs of 64 rows, double beyond.
-std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(0) > 0,
-              "channel_stats: expected a contiguous float32 [M, C] matrix");
-  const int64_t m = x.size(0), c = x.size(1);
+// Two per-channel sums over the M rows of an [M, C] layout: add(i, f1, f2) adds row i's two quantities into the float
+// accumulators f1, f2 [C]; float over runs of 64 rows, double beyond and across threads. Returns the two totals.
+template <typename Add>
+std::pair<std::vector<double>, std::vector<double>> channel_sums(int64_t m, int64_t c, const Add& add) {
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(m / 256 + 1, at::get_num_threads()));
   std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
-  const float* px = x.data_ptr<float>();
-  std::vector<float> shift(px, px + c);
   by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
-    // float partial sums over short runs of rows, folded into double accumulators
     std::vector<float> f1(c), f2(c);
     double* d1 = s1.data() + part * c;
     double* d2 = s2.data() + part * c;
@@ -468,25 +463,38 @@ std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
       const int64_t e = std::min(r1, r + 64);
       std::fill(f1.begin(), f1.end(), 0.f);
       std::fill(f2.begin(), f2.end(), 0.f);
-      for (int64_t i = r; i < e; ++i) {
-        const float* row = px + i * c;
-        for (int64_t k = 0; k < c; ++k) {
-          const float v = row[k] - shift[k];
-          f1[k] += v;
-          f2[k] += v * v;
-        }
-      }
+      for (int64_t i = r; i < e; ++i) add(i, f1.data(), f2.data());
       for (int64_t k = 0; k < c; ++k) { d1[k] += f1[k]; d2[k] += f2[k]; }
+    }
+  });
+  std::vector<double> t1(c, 0.0), t2(c, 0.0);
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t k = 0; k < c; ++k) { t1[k] += s1[p * c + k]; t2[k] += s2[p * c + k]; }
+  return {t1, t2};
+}
+
+// Per-channel mean and biased variance of a [M, C] matrix (a channels-last tensor's memory), in one pass: sums of
+// x - x[0] and of its square (shifted by the first row, so a large mean does not cancel the variance).
+std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(0) > 0,
+              "channel_stats: expected a contiguous float32 [M, C] matrix");
+  const int64_t m = x.size(0), c = x.size(1);
+  const float* px = x.data_ptr<float>();
+  const std::vector<float> shift(px, px + c);
+  const auto sums = channel_sums(m, c, [&](int64_t i, float* f1, float* f2) {
+    const float* row = px + i * c;
+    for (int64_t k = 0; k < c; ++k) {
+      const float v = row[k] - shift[k];
+      f1[k] += v;
+      f2[k] += v * v;
     }
   });
   auto mean = at::empty({c}, x.options());
   auto var = at::empty({c}, x.options());
   for (int64_t k = 0; k < c; ++k) {
-    double a = 0.0, b = 0.0;
-    for (int64_t p = 0; p < parts; ++p) { a += s1[p * c + k]; b += s2[p * c + k]; }
-    const double mu = a / m;
+    const double mu = sums.first[k] / m;
     mean.data_ptr<float>()[k] = static_cast<float>(mu + shift[k]);
-    var.data_ptr<float>()[k] = static_cast<float>(std::max(0.0, b / m - mu * mu));
+    var.data_ptr<float>()[k] = static_cast<float>(std::max(0.0, sums.second[k] / m - mu * mu));
   }
   return {mean, var};
 }
@@ -526,6 +534,37 @@ inline V gelu(V x, V* dy) {
   return x * cdf;
 }
 
+// The backward of a square 1x1 conv over P voxels whose output gradients are gh [P][C]: the input gradients
+// gh[p] @ w (w [C, C], row c the weights of output channel c) stored at out(p), and gw += gh^T @ x (x(p) the voxels'
+// inputs), P independent FMA chains per vector, the rows of gw passing through memory once per call.
+template <int C, int P, class In, class Out>
+inline void pointwise_backward(const float (*gh)[C], const float* __restrict__ w, const In& x, const Out& out,
+                               float* __restrict__ gw) {
+  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int NV = C / VW;
+  using V = typename Vec<VW>::type;
+  V gx[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) gx[p][v] = V{};
+  for (int c = 0; c < C; ++c) {
+    V wc[NV], acc[NV];
+    for (int v = 0; v < NV; ++v) { wc[v] = load<VW>(w + c * C + v * VW); acc[v] = load<VW>(gw + c * C + v * VW); }
+    for (int p = 0; p < P; ++p) {
+      const float ghc = gh[p][c];
+      const float* xp = x(p);
+      for (int v = 0; v < NV; ++v) {
+        gx[p][v] += ghc * wc[v];
+        acc[v] += ghc * load<VW>(xp + v * VW);
+      }
+    }
+    for (int v = 0; v < NV; ++v) store<VW>(gw + c * C + v * VW, acc[v]);
+  }
+  for (int p = 0; p < P; ++p) {
+    float* op = out(p);
+    for (int v = 0; v < NV; ++v) store<VW>(op + v * VW, gx[p][v]);
+  }
+}
+
 // out = gelu(x @ w^T + bias) over rows of [M, C] (C = CI = CO), P rows at a time for independent FMA chains; with
 // G (backward), recomputes the pre-activation and returns gx = (g * gelu') @ w, accumulating gw, gb.
 template <int C, int P, bool BACKWARD>
@@ -559,23 +598,7 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
         store<VW>(&gh[p][v * VW], ghv);
         store<VW>(gb + v * VW, load<VW>(gb + v * VW) + ghv);
       }
-    V gx[P][NV];
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) gx[p][v] = V{};
-    for (int c = 0; c < C; ++c) {
-      V wc[NV], acc[NV];
-      for (int v = 0; v < NV; ++v) { wc[v] = load<VW>(w + c * C + v * VW); acc[v] = load<VW>(gw + c * C + v * VW); }
-      for (int p = 0; p < P; ++p) {
-        const float ghc = gh[p][c];
-        for (int v = 0; v < NV; ++v) {
-          gx[p][v] += ghc * wc[v];
-          acc[v] += ghc * load<VW>(x + p * C + v * VW);
-        }
-      }
-      for (int v = 0; v < NV; ++v) store<VW>(gw + c * C + v * VW, acc[v]);
-    }
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) store<VW>(out + p * C + v * VW, gx[p][v]);
+    pointwise_backward<C, P>(gh, w, [&](int p) { return x + p * C; }, [&](int p) { return out + p * C; }, gw);
   }
 }
 
@@ -1217,42 +1240,27 @@ std::vector<at::Tensor> decoder_entry_forward(const at::Tensor& skip, const at::
   return {y, mean, var};
 }
 
-// Per-channel sum(g) and sum(g * (y - mean)) of two [M, C] matrices, in one read of each (float over runs of 64
-// rows, double beyond): what a batch norm's backward needs of its output gradient g and input y.
+// Per-channel sum(g) and sum(g * (y - mean)) of two [M, C] matrices, in one read of each (channel_sums): what a
+// batch norm's backward needs of its output gradient g and input y.
 std::vector<at::Tensor> channel_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& mean) {
   TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && y.is_contiguous() && g.sizes() == y.sizes() &&
               g.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && mean.is_contiguous() &&
               mean.numel() == g.size(1), "channel_grad_sums: expected g, y [M, C] and mean [C]");
   const int64_t m = g.size(0), c = g.size(1);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(m / 256 + 1, at::get_num_threads()));
-  std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
   const float *pg = g.data_ptr<float>(), *py = y.data_ptr<float>(), *pm = mean.data_ptr<float>();
-  by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
-    std::vector<float> f1(c), f2(c);
-    double* d1 = s1.data() + part * c;
-    double* d2 = s2.data() + part * c;
-    for (int64_t r = r0; r < r1; r += 64) {
-      const int64_t e = std::min(r1, r + 64);
-      std::fill(f1.begin(), f1.end(), 0.f);
-      std::fill(f2.begin(), f2.end(), 0.f);
-      for (int64_t i = r; i < e; ++i) {
-        const float* gr = pg + i * c;
-        const float* yr = py + i * c;
-        for (int64_t k = 0; k < c; ++k) {
-          f1[k] += gr[k];
-          f2[k] += gr[k] * (yr[k] - pm[k]);
-        }
-      }
-      for (int64_t k = 0; k < c; ++k) { d1[k] += f1[k]; d2[k] += f2[k]; }
+  const auto sums = channel_sums(m, c, [&](int64_t i, float* f1, float* f2) {
+    const float* gr = pg + i * c;
+    const float* yr = py + i * c;
+    for (int64_t k = 0; k < c; ++k) {
+      f1[k] += gr[k];
+      f2[k] += gr[k] * (yr[k] - pm[k]);
     }
   });
-  auto sg = at::zeros({c}, g.options());
-  auto sgx = at::zeros({c}, g.options());
+  auto sg = at::empty({c}, g.options());
+  auto sgx = at::empty({c}, g.options());
   for (int64_t k = 0; k < c; ++k) {
-    double a = 0.0, b = 0.0;
-    for (int64_t p = 0; p < parts; ++p) { a += s1[p * c + k]; b += s2[p * c + k]; }
-    sg.data_ptr<float>()[k] = static_cast<float>(a);
-    sgx.data_ptr<float>()[k] = static_cast<float>(b);
+    sg.data_ptr<float>()[k] = static_cast<float>(sums.first[k]);
+    sgx.data_ptr<float>()[k] = static_cast<float>(sums.second[k]);
   }
   return {sg, sgx};
 }
@@ -1276,23 +1284,7 @@ inline void entry_backward_four(const float* const* vg, const float* const* vy, 
       store<VW>(&gh[p][v * VW], gyv);
       glo[v] += gyv;
     }
-  V gx[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) gx[p][v] = V{};
-  for (int c = 0; c < C; ++c) {
-    V wc[NV], acc[NV];
-    for (int v = 0; v < NV; ++v) { wc[v] = load<VW>(w + c * C + v * VW); acc[v] = load<VW>(gw + c * C + v * VW); }
-    for (int p = 0; p < P; ++p) {
-      const float ghc = gh[p][c];
-      for (int v = 0; v < NV; ++v) {
-        gx[p][v] += ghc * wc[v];
-        acc[v] += ghc * load<VW>(vs[p] + v * VW);
-      }
-    }
-    for (int v = 0; v < NV; ++v) store<VW>(gw + c * C + v * VW, acc[v]);
-  }
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) store<VW>(vo[p] + v * VW, gx[p][v]);
+  pointwise_backward<C, P>(gh, w, [&](int p) { return vs[p]; }, [&](int p) { return vo[p]; }, gw);
 }
 
 // Backward of decoder_entry_forward through the batch norm: g the gradient of the batch norm's output, y the entry's
