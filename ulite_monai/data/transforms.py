@@ -355,8 +355,8 @@ class SeparableSpacingd(Spacingd):
     a time (:func:`separable_inverse`) where the map between the grids is axis-aligned, as it is for every image
     the bundles resample, and the interpolation bilinear (probabilities); other cases get MONAI's inverse: rotations,
     ``nearest`` (``Invertd``'s ``nearest_interp`` for labels: at exact half-voxel positions the chosen neighbour
-    would depend on float rounding, and MONAI's choice is the reference), spline orders, ``reflection`` padding,
-    lazy resampling.
+    would depend on float rounding, and MONAI's choice is the reference), ``align_corners=True``, spline orders,
+    ``reflection`` padding, lazy resampling.
 
     ``Invertd`` puts a prediction back on its image's grid through this inverse. MONAI's builds a sampling grid of
     the whole original image and calls ``grid_sample``: for a 512x512x48 CT with two channels of probabilities, 0.24
