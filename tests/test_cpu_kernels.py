@@ -51,9 +51,13 @@ def _decoder_steps(blocks, x: torch.Tensor, skip: torch.Tensor) -> list[tuple[to
 
 def _assert_same_gradients_and_statistics(fused, stock, where) -> None:
     """Every parameter's gradient (then cleared) and the batch norm's running statistics of two twin blocks agree.
-    The gradient tolerance has an absolute part for the ones that are zero up to rounding."""
+    The gradient tolerance is relative, plus an absolute part for the gradients that are zero up to rounding (a
+    bias followed by the batch norm): their rounding noise, a sum of cancelling terms, scales with the block's
+    largest gradient."""
+    scale = max(p.grad.abs().max().item() for p in stock.parameters())
     for (name, pa), pb in zip(fused.named_parameters(), stock.parameters()):
-        assert (pa.grad - pb.grad).abs().max().item() < 1e-4 * pb.grad.abs().max().item() + 1e-4, (where, name)
+        tol = 1e-4 * pb.grad.abs().max().item() + 1e-5 * scale + 1e-6
+        assert (pa.grad - pb.grad).abs().max().item() < tol, (where, name)
         pa.grad = pb.grad = None
     for name, buf in fused.norm.named_buffers():
         other = dict(stock.norm.named_buffers())[name]
