@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -49,6 +50,13 @@ template <int N>
 inline typename Vec<N>::type load(const float* p) { return *reinterpret_cast<const typename Vec<N>::unaligned*>(p); }
 template <int N>
 inline void store(float* p, typename Vec<N>::type v) { *reinterpret_cast<typename Vec<N>::unaligned*>(p) = v; }
+
+// Two 8-wide vectors as one 16-wide one, and the halves of a 16-wide one.
+inline v16 join8(v8 a, v8 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline v8 low8(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline v8 high8(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
 
 struct Geometry {
   int64_t n, d, h, w, ci, co, d2, h2, w2, rows;
@@ -126,15 +134,33 @@ void by_parts(int64_t total, int64_t parts, const F& f) {
 
 int64_t num_parts(int64_t groups) { return std::max<int64_t>(1, std::min<int64_t>(groups, at::get_num_threads())); }
 
-// The per-part partial sums acc [parts, shape] added up into a new float tensor of `shape`.
-at::Tensor sum_parts(const std::vector<float>& acc, int64_t parts, at::IntArrayRef shape, const at::TensorOptions& opt) {
-  auto out = at::zeros(shape, opt);
-  float* o = out.data_ptr<float>();
-  const int64_t n = out.numel();
-  for (int64_t p = 0; p < parts; ++p)
-    for (int64_t i = 0; i < n; ++i) o[i] += acc[p * n + i];
-  return out;
-}
+// Per-thread partial sums: `parts` blocks of n floats, each starting on its own 64-byte cache line, so that no two
+// threads ever write to one line. (Packed blocks shared lines between threads: the 8-channel 1x1 conv + GELU
+// backward, which adds into its per-thread bias sums on every call, ran about 4 times slower, the line going back
+// and forth between the cores.)
+class PartSums {
+ public:
+  PartSums(int64_t parts, int64_t n)
+      : parts_(parts), n_(n), stride_((n + 15) / 16 * 16), buf_(static_cast<size_t>(parts * stride_ + 16), 0.f) {
+    const auto addr = reinterpret_cast<uintptr_t>(buf_.data());
+    base_ = buf_.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
+  float* part(int64_t p) { return base_ + p * stride_; }
+  // The parts added up into a new float tensor of `shape` (n elements).
+  at::Tensor sum(at::IntArrayRef shape, const at::TensorOptions& opt) const {
+    auto out = at::zeros(shape, opt);
+    float* o = out.data_ptr<float>();
+    TORCH_CHECK(out.numel() == n_, "PartSums: shape");
+    for (int64_t p = 0; p < parts_; ++p)
+      for (int64_t i = 0; i < n_; ++i) o[i] += base_[p * stride_ + i];
+    return out;
+  }
+
+ private:
+  int64_t parts_, n_, stride_;
+  std::vector<float> buf_;
+  float* base_ = nullptr;
+};
 
 }  // namespace
 
@@ -401,8 +427,7 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
   const int64_t ci = g.ci, co = g.co, w = g.w, win = 2 * g.rows;
   const int64_t parts = num_parts(g.groups());
   auto gy = at::empty_like(y);
-  std::vector<float> acc_w(parts * co * ci, 0.f), acc_b(parts * co, 0.f), acc_g(parts * ci, 0.f),
-      acc_gx(parts * ci, 0.f);
+  PartSums acc_w(parts, co * ci), acc_b(parts, co), acc_g(parts, ci), acc_gx(parts, ci);
   const float *pgz = gz.data_ptr<float>(), *py = y.data_ptr<float>(), *ps = s.data_ptr<float>();
   const float *pw = weight.data_ptr<float>(), *pm = mean.data_ptr<float>();
   const float* pgs = has_skip ? gskip.data_ptr<float>() : nullptr;
@@ -411,17 +436,17 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
   dispatch_channels(ci, co, [&]<int CI, int CO>() {
     by_parts(g.groups(), parts, [&](int64_t part, int64_t g0, int64_t g1) {
       if (g.pool_d)
-        backward_groups<CI, CO, 8>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.data() + part * co * ci,
-                                   acc_b.data() + part * co, acc_g.data() + part * ci, acc_gx.data() + part * ci);
+        backward_groups<CI, CO, 8>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.part(part),
+                                   acc_b.part(part), acc_g.part(part), acc_gx.part(part));
       else
-        backward_groups<CI, CO, 4>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.data() + part * co * ci,
-                              acc_b.data() + part * co, acc_g.data() + part * ci, acc_gx.data() + part * ci);
+        backward_groups<CI, CO, 4>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.part(part),
+                                   acc_b.part(part), acc_g.part(part), acc_gx.part(part));
     });
   });
-  auto gw = sum_parts(acc_w, parts, {co, ci}, y.options());
-  auto gb = sum_parts(acc_b, parts, {co}, y.options());
-  auto sg = sum_parts(acc_g, parts, {ci}, y.options());
-  auto sgx = sum_parts(acc_gx, parts, {ci}, y.options());
+  auto gw = acc_w.sum({co, ci}, y.options());
+  auto gb = acc_b.sum({co}, y.options());
+  auto sg = acc_g.sum({ci}, y.options());
+  auto sgx = acc_gx.sum({ci}, y.options());
   const float *psg = sg.data_ptr<float>(), *psgx = sgx.data_ptr<float>();
   // second pass, in place: gy = a * gs + coef * (y - mean) + shift
   const int64_t m = y.numel() / ci;
@@ -454,11 +479,12 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
 template <typename Add>
 std::pair<std::vector<double>, std::vector<double>> channel_sums(int64_t m, int64_t c, const Add& add) {
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(m / 256 + 1, at::get_num_threads()));
-  std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
+  const int64_t stride = c + 16;  // a gap of two cache lines: no two threads write to one line (PartSums)
+  std::vector<double> s1(parts * stride, 0.0), s2(parts * stride, 0.0);
   by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
     std::vector<float> f1(c), f2(c);
-    double* d1 = s1.data() + part * c;
-    double* d2 = s2.data() + part * c;
+    double* d1 = s1.data() + part * stride;
+    double* d2 = s2.data() + part * stride;
     for (int64_t r = r0; r < r1; r += 64) {
       const int64_t e = std::min(r1, r + 64);
       std::fill(f1.begin(), f1.end(), 0.f);
@@ -469,7 +495,7 @@ std::pair<std::vector<double>, std::vector<double>> channel_sums(int64_t m, int6
   });
   std::vector<double> t1(c, 0.0), t2(c, 0.0);
   for (int64_t p = 0; p < parts; ++p)
-    for (int64_t k = 0; k < c; ++k) { t1[k] += s1[p * c + k]; t2[k] += s2[p * c + k]; }
+    for (int64_t k = 0; k < c; ++k) { t1[k] += s1[p * stride + k]; t2[k] += s2[p * stride + k]; }
   return {t1, t2};
 }
 
@@ -585,7 +611,25 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
       for (int v = 0; v < NV; ++v) h[p][v] += xk * wk[v];
     }
   }
-  if constexpr (!BACKWARD) {
+  if constexpr (C == 8 && P % 2 == 0) {
+    // 8 channels: the GELU on two rows at a time in one 16-wide vector (its cost is per vector, whatever the
+    // width; rows p and p + 1 are adjacent in x, g, out and gh)
+    if constexpr (!BACKWARD) {
+      for (int p = 0; p < P; p += 2) store<16>(out + p * C, gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr));
+    } else {
+      alignas(64) float gh[P][C];
+      v8 gbv = load<8>(gb);
+      for (int p = 0; p < P; p += 2) {
+        v16 d;
+        gelu<v16>(join8(h[p][0], h[p + 1][0]), &d);
+        const v16 ghv = load<16>(g + p * C) * d;
+        store<16>(&gh[p][0], ghv);
+        gbv += low8(ghv) + high8(ghv);
+      }
+      store<8>(gb, gbv);
+      pointwise_backward<C, P>(gh, w, [&](int p) { return x + p * C; }, [&](int p) { return out + p * C; }, gw);
+    }
+  } else if constexpr (!BACKWARD) {
     for (int p = 0; p < P; ++p)
       for (int v = 0; v < NV; ++v) store<VW>(out + p * C + v * VW, gelu<V>(h[p][v], nullptr));
   } else {
@@ -604,10 +648,10 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
 
 template <int C, bool BACKWARD>
 void pw_gelu_all(int64_t m, const float* x, const float* wt, const float* w, const float* bias, const float* g,
-                 float* out, std::vector<float>& acc_w, std::vector<float>& acc_b, int64_t parts) {
+                 float* out, PartSums* acc_w, PartSums* acc_b, int64_t parts) {
   by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
-    float* gw = BACKWARD ? acc_w.data() + part * C * C : nullptr;
-    float* gb = BACKWARD ? acc_b.data() + part * C : nullptr;
+    float* gw = BACKWARD ? acc_w->part(part) : nullptr;
+    float* gb = BACKWARD ? acc_b->part(part) : nullptr;
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4)
       pw_gelu_rows<C, 4, BACKWARD>(x + r * C, wt, w, bias, BACKWARD ? g + r * C : nullptr, out + r * C, gw, gb);
@@ -634,11 +678,10 @@ at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const 
               "pw_gelu_forward: expected x [M, C] and a square weight [C, C]");
   auto out = at::empty_like(x);
   auto wt = weight.t().contiguous();
-  std::vector<float> none;
   const int64_t m = x.size(0);
   const bool ok = dispatch_channel_count(x.size(1), [&]<int C>() {
     pw_gelu_all<C, false>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
-                          bias.data_ptr<float>(), nullptr, out.data_ptr<float>(), none, none,
+                          bias.data_ptr<float>(), nullptr, out.data_ptr<float>(), nullptr, nullptr,
                           num_parts(m / 256 + 1));
   });
   TORCH_CHECK(ok, "pw_gelu_forward: channels must be 8, 16, 32 or 64");
@@ -653,13 +696,13 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
   const int64_t parts = num_parts(m / 256 + 1);
   auto gx = at::empty_like(x);
   auto wt = weight.t().contiguous();
-  std::vector<float> acc_w(parts * c * c, 0.f), acc_b(parts * c, 0.f);
+  PartSums acc_w(parts, c * c), acc_b(parts, c);
   const bool ok = dispatch_channel_count(c, [&]<int C>() {
     pw_gelu_all<C, true>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
-                         bias.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), acc_w, acc_b, parts);
+                         bias.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), &acc_w, &acc_b, parts);
   });
   TORCH_CHECK(ok, "pw_gelu_backward: channels must be 8, 16, 32 or 64");
-  return {gx, sum_parts(acc_w, parts, {c, c}, x.options()), sum_parts(acc_b, parts, {c}, x.options())};
+  return {gx, acc_w.sum({c, c}, x.options()), acc_b.sum({c}, x.options())};
 }
 
 // ---------------------------------------------------------------------------------- axial depthwise convolution
@@ -886,15 +929,16 @@ std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor&
   const int64_t d = x.size(1), h = x.size(2), wd = x.size(3), c = x.size(4);
   const int64_t rows = x.size(0) * d * h;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
-  std::vector<float> acc_w(parts * a_count * k * c, 0.f), acc_b(parts * c, 0.f), ones(wd * c, 1.f);
+  PartSums acc_w(parts, a_count * k * c), acc_b(parts, c);
+  std::vector<float> ones(wd * c, 1.f);
   const bool ok = dispatch_channel_count(c, [&]<int C>() {
     by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
-      axial_weight_grad_rows<C>(g.data_ptr<float>(), x.data_ptr<float>(), acc_w.data() + part * a_count * k * C,
-                                acc_b.data() + part * C, d, h, wd, k, dil, a_count == 3, r0, r1, ones.data());
+      axial_weight_grad_rows<C>(g.data_ptr<float>(), x.data_ptr<float>(), acc_w.part(part), acc_b.part(part), d, h,
+                                wd, k, dil, a_count == 3, r0, r1, ones.data());
     });
   });
   TORCH_CHECK(ok, "axial_weight_grad: channels must be 8, 16, 32 or 64");
-  return {sum_parts(acc_w, parts, {a_count, k, c}, x.options()), sum_parts(acc_b, parts, {c}, x.options())};
+  return {acc_w.sum({a_count, k, c}, x.options()), acc_b.sum({c}, x.options())};
 }
 
 // ------------------------------------------------------------------------- inference: fused encoder and decoder
@@ -1184,7 +1228,8 @@ std::vector<at::Tensor> decoder_entry_forward(const at::Tensor& skip, const at::
   auto y = at::empty_like(skip);
   const int64_t rows = n * d * h;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
-  std::vector<double> s1(parts * c, 0.0), s2(parts * c, 0.0);
+  const int64_t stride = c + 16;  // a gap of two cache lines between the threads' sums (PartSums)
+  std::vector<double> s1(parts * stride, 0.0), s2(parts * stride, 0.0);
   std::vector<float> shift(c, 0.f);
   const float *ps = skip.data_ptr<float>(), *pl = lo.data_ptr<float>(), *pwt = wt.data_ptr<float>();
   float* py = y.data_ptr<float>();
@@ -1202,8 +1247,8 @@ std::vector<at::Tensor> decoder_entry_forward(const at::Tensor& skip, const at::
     by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
       V sh[NV];
       for (int v = 0; v < NV; ++v) sh[v] = load<VW>(shift.data() + v * VW);
-      double* d1 = s1.data() + part * C;
-      double* d2 = s2.data() + part * C;
+      double* d1 = s1.data() + part * stride;
+      double* d2 = s2.data() + part * stride;
       alignas(64) float t1[C], t2[C];
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / (d * h), z = (r / h) % d, yy = r % h;
@@ -1232,7 +1277,7 @@ std::vector<at::Tensor> decoder_entry_forward(const at::Tensor& skip, const at::
   const int64_t m = rows * wd;
   for (int64_t k = 0; k < c; ++k) {
     double a = 0.0, b = 0.0;
-    for (int64_t p = 0; p < parts; ++p) { a += s1[p * c + k]; b += s2[p * c + k]; }
+    for (int64_t p = 0; p < parts; ++p) { a += s1[p * stride + k]; b += s2[p * stride + k]; }
     const double mu = a / m;
     mean.data_ptr<float>()[k] = static_cast<float>(mu + shift[k]);
     var.data_ptr<float>()[k] = static_cast<float>(std::max(0.0, b / m - mu * mu));
@@ -1306,7 +1351,7 @@ std::vector<at::Tensor> decoder_entry_backward(const at::Tensor& g, const at::Te
   const int64_t parts = num_parts(coarse_rows);
   auto gskip = at::empty_like(g);
   auto glo = at::empty({n, lo_d, h2, w2, c}, g.options());
-  std::vector<float> acc_w(parts * c * c, 0.f);
+  PartSums acc_w(parts, c * c);
   const float *pg = g.data_ptr<float>(), *py = y.data_ptr<float>(), *ps = skip.data_ptr<float>();
   const float* pw = w.data_ptr<float>();
   float *po = gskip.data_ptr<float>(), *pl = glo.data_ptr<float>();
@@ -1321,7 +1366,7 @@ std::vector<at::Tensor> decoder_entry_backward(const at::Tensor& g, const at::Te
       sh[v] = load<VW>(shift.data_ptr<float>() + v * VW);
     }
     by_parts(coarse_rows, parts, [&](int64_t part, int64_t q0, int64_t q1) {
-      float* gw = acc_w.data() + part * C * C;
+      float* gw = acc_w.part(part);
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t b = q / (lo_d * h2), lz = (q / h2) % lo_d, ly = q % h2;
         const int64_t zs = three_d ? 2 : 1;
@@ -1348,7 +1393,7 @@ std::vector<at::Tensor> decoder_entry_backward(const at::Tensor& g, const at::Te
     });
   });
   TORCH_CHECK(ok, "decoder_entry_backward: channels must be 8, 16, 32 or 64");
-  return {gskip, glo, sum_parts(acc_w, parts, {c, c}, g.options())};
+  return {gskip, glo, acc_w.sum({c, c}, g.options())};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
