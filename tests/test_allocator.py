@@ -135,16 +135,20 @@ def test_large_working_sets_are_kept_for_the_next_pass():
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     kept = run({})
-    bounded = run({"ULITE_TRIM_THRESHOLD_MB": "8"})
+    bounded = run({"ULITE_TRIM_THRESHOLD_MB": "0"})
     print(f"page faults per 2x1x64^3 training step: default {kept['faults']} (peak RSS {kept['peak_mb']} MB), "
-          f"8 MiB bound {bounded['faults']} (peak RSS {bounded['peak_mb']} MB)")
+          f"0 MiB bound {bounded['faults']} (peak RSS {bounded['peak_mb']} MB)")
     assert "never trim" in kept["settings"]
-    assert "8 MiB" in bounded["settings"]
+    assert "M_TRIM_THRESHOLD=0 MiB" in bounded["settings"]
     assert kept["faults"][0] > 20_000  # the first step faults its working set in, whatever the setting
     # later steps reuse the memory the process kept (the heap can still grow by a few MiB in one of the first
     # steps after the second, while freed blocks settle into a layout that fits every step)
     assert kept["steady"] < 1_000
-    assert bounded["steady"] > 10_000  # bounded below the working set, each step hands it back and faults it in
+    # bounded below the working set (here at 0: every freed top is handed back), the steps fault memory in again.
+    # How much depends on what lies at the top of the heap when a step ends (the fused kernels' own buffers move
+    # it): with an 8 MiB bound every step re-faulted >10,000 pages in some layouts and one step in twelve in others;
+    # at 0 the steady steps re-faulted 4,000-16,000 pages each in every run measured.
+    assert bounded["steady"] > 2_000 and bounded["steady"] > 20 * max(kept["steady"], 1), bounded["faults"]
     assert kept["peak_mb"] < 1.25 * bounded["peak_mb"]  # keeping freed memory does not raise the peak
 
 
