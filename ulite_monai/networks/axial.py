@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ulite_monai.networks.utils import channels_last_format
+from ulite_monai.networks.utils import channels_last_format, update_running_stats
 
 __all__ = [
     "AXIAL_IMPLS",
@@ -584,20 +584,13 @@ def batch_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     m = x.numel() // c
     if m < 2:
         return norm(x)  # nn.BatchNorm's own error for a single value per channel
-    factor = 0.0
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     # plain-tensor alias (still on the autograd graph): a MetaTensor batch would try to split its per-item
     # metadata along the first dim of the (M, C) view
     plain = x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
     rows = plain.permute(0, *range(2, nd + 2), 1).reshape(m, c)  # a view: the memory of a channels-last tensor
     k = max(j for j in (1, 2, 4, 8, 16) if m % j == 0 and j * c <= 128)
     y, mean, var = _ChannelsLastBatchNorm.apply(rows, norm.weight, norm.bias, norm.eps, k)
-    if norm.training and norm.running_mean is not None and norm.running_var is not None:
-        with torch.no_grad():
-            norm.running_mean.lerp_(mean, factor)
-            norm.running_var.lerp_(var * (m / (m - 1)), factor)
+    update_running_stats(norm, mean, var, m)
     out = y.view(n, *x.shape[2:], c).permute(0, nd + 1, *range(1, nd + 1))
     if plain is x:
         return out

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ulite_monai.networks.utils import channels_last_format
+from ulite_monai.networks.utils import channels_last_format, update_running_stats
 
 __all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "decoder_entry",
            "infer_encoder", "infer_decoder", "INFER_ACTS", "inference_input_ok", "MAX_TAIL_CHANNELS",
@@ -217,20 +217,6 @@ def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.as_subclass(type(x))
 
 
-def _update_running_stats(norm: torch.nn.Module, mean: torch.Tensor, var: torch.Tensor, m: int) -> None:
-    """Move a training ``BatchNorm``'s running statistics towards the batch's ``mean`` and biased ``var`` (over ``m``
-    values per channel) as ``nn.BatchNorm`` does: momentum or cumulative average, the unbiased variance."""
-    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
-        return
-    factor = 0.0
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    with torch.no_grad():
-        norm.running_mean.lerp_(mean, factor)
-        norm.running_var.lerp_(var * (m / (m - 1)), factor)
-
-
 def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(maxpool2(pw(norm(y))), norm(y))`` through the fused kernels, with ``norm``'s running statistics updated as
@@ -265,7 +251,7 @@ def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
     if batch_stats:
         with torch.no_grad():
             mean, var = ext.channel_stats(y5.detach().reshape(m, c))
-        _update_running_stats(norm, mean, var, m)
+        update_running_stats(norm, mean, var, m)
     else:
         mean, var = norm.running_mean.detach(), norm.running_var.detach()
     invstd = torch.rsqrt(var + norm.eps)
@@ -472,7 +458,7 @@ def decoder_entry(norm: torch.nn.Module, lo: torch.Tensor, skip: torch.Tensor, w
     out5, mean, var = _DecoderEntry.apply(_as5(lo), _as5(skip), weight, norm.weight, norm.bias, mean, var,
                                           float(norm.eps), batch_stats, ext)
     if batch_stats:
-        _update_running_stats(norm, mean, var, m)
+        update_running_stats(norm, mean, var, m)
     return _like_input(_from5(out5, nd), skip)
 
 

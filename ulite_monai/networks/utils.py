@@ -1,13 +1,15 @@
 # Copyright (c) ulite-monai developers. Licensed under the Apache License, Version 2.0.
 """Helpers shared by :class:`~ulite_monai.networks.ULite` and its fused inference form: input checks,
-padding to a multiple of the network's stride and cropping back, channels-last memory formats."""
+padding to a multiple of the network's stride and cropping back, channels-last memory formats, the running
+statistics of the batch norms that bypass ``nn.BatchNorm``."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_input", "pad_to_divisible", "crop_to", "channels_last_format", "is_channels_last"]
+__all__ = ["check_input", "pad_to_divisible", "crop_to", "channels_last_format", "is_channels_last",
+           "update_running_stats"]
 
 
 def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
@@ -69,3 +71,17 @@ def is_channels_last(x: torch.Tensor) -> bool:
     if x.dim() == 5:
         return x.is_contiguous(memory_format=torch.channels_last_3d)
     return False
+
+
+def update_running_stats(norm: torch.nn.Module, mean: torch.Tensor, var: torch.Tensor, m: int) -> None:
+    """Move a training ``BatchNorm``'s running statistics towards the batch's ``mean`` and biased ``var`` (over ``m``
+    values per channel) as ``nn.BatchNorm`` does: momentum or cumulative average, the unbiased variance."""
+    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
+        return
+    factor = 0.0
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    with torch.no_grad():
+        norm.running_mean.lerp_(mean, factor)
+        norm.running_var.lerp_(var * (m / (m - 1)), factor)
