@@ -5,7 +5,7 @@ The full-resolution stages of U-Lite (16-64 channels at 256^2 and 128^2 in the p
 channels in the 3D bundle) are memory-bound on the CPU, where every stock operator streams whole tensors through
 memory. Four kernels (``csrc/cpu_kernels.cpp``) each replace a chain of them, forward and backward:
 
-- :func:`encoder_tail`: an encoder's ``pool(pw(norm(y)))`` and the skip ``norm(y)``;
+- :func:`encoder_tail`: an encoder's ``act(pool(pw(norm(y))))`` (GELU inside) and the skip ``norm(y)``;
 - :func:`decoder_entry`: a decoder's ``norm(up2(lo) + pw_b(skip))`` (its 1x1 conv split as in
   :class:`~ulite_monai.networks.ULiteDecoderBlock`);
 - :func:`pointwise_gelu`: a decoder's ``gelu(pw2(x))``;
@@ -132,16 +132,16 @@ def load_extension(verbose: bool = False):
 
 
 class _EncoderTail(torch.autograd.Function):
-    """``(maxpool2(pw(bn(y))), bn(y))`` for a channels-last ``y`` viewed as ``[N, D, H, W, C]``."""
+    """``(maxpool2(pw(bn(y))), bn(y))`` for a channels-last ``y`` viewed as ``[N, D, H, W, C]``; with ``gelu``, the
+    GELU of the first. The backward recomputes ``bn(y)`` from ``y`` rather than keeping it."""
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, weight, bias, mean, invstd, batch_stats, pool_d, ext):  # noqa: D102
-        a = gamma * invstd
-        b = beta - mean * a
+    def forward(ctx, y, gamma, beta, weight, bias, mean, invstd, batch_stats, pool_d, gelu, ext):  # noqa: D102
+        a = (gamma * invstd).contiguous()
+        b = (beta - mean * a).contiguous()
         w2 = weight.reshape(weight.shape[0], weight.shape[1])
-        s, z, idx = ext.encoder_tail_forward(y, a.contiguous(), b.contiguous(), w2.t().contiguous(),
-                                             bias.contiguous(), pool_d)
-        ctx.save_for_backward(y, s, idx, w2.contiguous(), a, mean, invstd)
+        s, z, idx, pre = ext.encoder_tail_forward(y, a, b, w2.t().contiguous(), bias.contiguous(), pool_d, gelu)
+        ctx.save_for_backward(y, idx, pre, w2.contiguous(), a, b, mean, invstd)
         ctx.flags = (batch_stats, pool_d, ext, weight.shape)
         ctx.mark_non_differentiable(idx)
         return z, s, idx
@@ -149,13 +149,14 @@ class _EncoderTail(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, gs, _gidx):  # noqa: D102
-        y, s, idx, w2, a, mean, invstd = ctx.saved_tensors
+        y, idx, pre, w2, a, b, mean, invstd = ctx.saved_tensors
         batch_stats, pool_d, ext, wshape = ctx.flags
         gz = gz.contiguous() if gz is not None else torch.zeros(idx.shape, dtype=y.dtype)
         gs = gs.contiguous() if gs is not None else torch.empty(0, dtype=y.dtype)
-        gy, gw, gb, sum_g, sum_gx = ext.encoder_tail_backward(gz, idx, y, s, gs, w2, a, mean, invstd, batch_stats,
-                                                              pool_d)
-        return gy, sum_gx * invstd, sum_g, gw.view(wshape), gb, None, None, None, None, None
+        gy, gw, gb, sum_g, sum_gx = ext.encoder_tail_backward(gz, idx, y, pre, gs, w2, a, b, mean, invstd,
+                                                              batch_stats, pool_d)
+        # (b depends on beta and the statistics, but the gradients through it are the batch norm's, formed above)
+        return gy, sum_gx * invstd, sum_g, gw.view(wshape), gb, None, None, None, None, None, None
 
 
 try:
@@ -217,10 +218,11 @@ def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.as_subclass(type(x))
 
 
-def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
+def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor, act: torch.nn.Module | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(maxpool2(pw(norm(y))), norm(y))`` through the fused kernels, with ``norm``'s running statistics updated as
-    ``norm(y)`` updates them; ``None`` where the kernels do not apply (then run the stock operators): not a CPU
+    """``(act(maxpool2(pw(norm(y)))), norm(y))`` through the fused kernels (``act`` None: none), with ``norm``'s
+    running statistics updated as ``norm(y)`` updates them; an exact ``nn.GELU`` runs inside the kernels, any
+    other ``act`` after them. ``None`` where the kernels do not apply (then run the stock operators): not a CPU
     float32 channels-last 2D/3D input, a norm other than an affine ``BatchNorm2d``/``BatchNorm3d``, more than
     :data:`MAX_TAIL_CHANNELS` channels, autocast or ``torch.compile``, or no extension.
     """
@@ -255,13 +257,16 @@ def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor
     else:
         mean, var = norm.running_mean.detach(), norm.running_var.detach()
     invstd = torch.rsqrt(var + norm.eps)
+    gelu = type(act) is torch.nn.GELU and act.approximate == "none"
     z5, s5, _ = _EncoderTail.apply(y5, norm.weight, norm.bias, pw.weight, pw.bias, mean, invstd, batch_stats,
-                                   nd == 3, ext)
+                                   nd == 3, gelu, ext)
     if nd == 2:
         z5, s5 = z5.squeeze(1), s5.squeeze(1)
-    z = z5.permute(0, nd + 1, *range(1, nd + 1))
+    z = _like_input(z5.permute(0, nd + 1, *range(1, nd + 1)), y)
     skip = s5.permute(0, nd + 1, *range(1, nd + 1))
-    return _like_input(z, y), _like_input(skip, y)
+    if act is not None and not gelu:
+        z = act(z)
+    return z, _like_input(skip, y)
 
 
 class _PointwiseGelu(torch.autograd.Function):

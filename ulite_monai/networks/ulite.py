@@ -169,10 +169,9 @@ class ULiteEncoderBlock(nn.Module):
         if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
             return self.reference_forward(x)
         y = self.dw(x)
-        fused = encoder_tail(self.norm, self.pw, y) if self.fused_tail else None
+        fused = encoder_tail(self.norm, self.pw, y, self.act) if self.fused_tail else None
         if fused is not None:
-            z, skip = fused
-            return self.act(z), skip
+            return fused
         skip = batch_norm(self.norm, y)
         return self.act(self.pool(_conv1x1(self.pw, skip))), skip
 

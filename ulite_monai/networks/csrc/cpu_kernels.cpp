@@ -164,13 +164,80 @@ class PartSums {
 
 }  // namespace
 
+// exp(x) on a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (relative error
+// below 2e-7), 2^n from the exponent bits.
+template <typename V>
+inline V vexp(V x) {
+  using I = decltype(x < x);
+  const V zero{};
+  x = x > zero + 88.0f ? zero + 88.0f : x;
+  x = x < zero - 87.0f ? zero - 87.0f : x;
+  const V t = x * 1.44269504f;
+  const I n = __builtin_convertvector(t + (t >= zero ? zero + 0.5f : zero - 0.5f), I);
+  const V nf = __builtin_convertvector(n, V);
+  const V r = x - nf * 0.693145751953125f - nf * 1.4286068203094172e-06f;
+  const V p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const I bits = (n + 127) << 23;
+  return p * reinterpret_cast<const V&>(bits);
+}
+
+// GELU(x) = x * Phi(x) and, if dy, its derivative Phi(x) + x * phi(x). Phi through erf by Abramowitz & Stegun
+// 7.1.26 (absolute error below 1.5e-7), computed without cancellation on either side of zero.
+template <typename V>
+inline V gelu(V x, V* dy) {
+  const V zero{};
+  const V u = x * 0.70710678118654752f;
+  const V au = u < zero ? -u : u;
+  const V t = 1.0f / (1.0f + 0.3275911f * au);
+  const V poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const V e = vexp(-au * au);  // exp(-x^2 / 2)
+  const V tail = 0.5f * poly * e;  // 1 - Phi(|x|)
+  const V cdf = u < zero ? tail : 1.0f - tail;
+  if (dy != nullptr) *dy = cdf + x * e * 0.39894228040143268f;
+  return x * cdf;
+}
+
+// pre = z (kept for the backward), then z = gelu(z), over n floats.
+inline void gelu_keep(float* __restrict__ z, float* __restrict__ pre, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 x = load<16>(z + i);
+    store<16>(pre + i, x);
+    store<16>(z + i, gelu<v16>(x, nullptr));
+  }
+  if (i < n) {
+    alignas(64) float t[16] = {};
+    for (int64_t j = i; j < n; ++j) t[j - i] = z[j];
+    store<16>(t, gelu<v16>(load<16>(t), nullptr));
+    for (int64_t j = i; j < n; ++j) { pre[j] = z[j]; z[j] = t[j - i]; }
+  }
+}
+
+// out = g * gelu'(pre), over n floats.
+inline void gelu_grad(const float* __restrict__ g, const float* __restrict__ pre, float* __restrict__ out, int64_t n) {
+  int64_t i = 0;
+  v16 d;
+  for (; i + 16 <= n; i += 16) {
+    gelu<v16>(load<16>(pre + i), &d);
+    store<16>(out + i, load<16>(g + i) * d);
+  }
+  if (i < n) {
+    alignas(64) float t[16] = {};
+    for (int64_t j = i; j < n; ++j) t[j - i] = pre[j];
+    gelu<v16>(load<16>(t), &d);
+    store<16>(t, d);
+    for (int64_t j = i; j < n; ++j) out[j] = g[j] * t[j - i];
+  }
+}
+
 // The per-group work of the forward, with the channel counts known at compile time (CI, CO > 0) so that the 1x1
-// conv's accumulators stay in vector registers; CI = CO = 0 reads them from the geometry instead.
+// conv's accumulators stay in vector registers; CI = CO = 0 reads them from the geometry instead. With ppre, the
+// pooled values go there and their GELU to pz.
 template <int CI, int CO>
 void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __restrict__ py,
                     const float* __restrict__ pa, const float* __restrict__ pb, const float* __restrict__ pw,
                     const float* __restrict__ pbias, float* __restrict__ ps, float* __restrict__ pz,
-                    uint8_t* __restrict__ pi) {
+                    uint8_t* __restrict__ pi, float* __restrict__ ppre) {
   const int64_t ci = CI > 0 ? CI : g.ci, co = CO > 0 ? CO : g.co, w = g.w;
   std::vector<float> buf(g.rows * w * co);
   float* __restrict__ p = buf.data();
@@ -227,7 +294,16 @@ void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __re
           }
         }
         alignas(64) float jf[CO];
-        for (int v = 0; v < CO / VO; ++v) { store<VO>(zo + v * VO, best[v]); store<VO>(jf + v * VO, at[v]); }
+        for (int v = 0; v < CO / VO; ++v) store<VO>(jf + v * VO, at[v]);
+        if (ppre != nullptr) {
+          float* __restrict__ po = ppre + (o0 + x2) * co;
+          for (int v = 0; v < CO / VO; ++v) {
+            store<VO>(po + v * VO, best[v]);
+            store<VO>(zo + v * VO, gelu<V>(best[v], nullptr));
+          }
+        } else {
+          for (int v = 0; v < CO / VO; ++v) store<VO>(zo + v * VO, best[v]);
+        }
         for (int c = 0; c < CO; ++c) io[c] = static_cast<uint8_t>(jf[c]);
       } else {
         for (int64_t c = 0; c < co; ++c) { zo[c] = first[c]; io[c] = 0; }
@@ -241,6 +317,7 @@ void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __re
             io[c] = take ? jj : io[c];
           }
         }
+        if (ppre != nullptr) gelu_keep(zo, ppre + (o0 + x2) * co, co);
       }
     }
   }
@@ -257,38 +334,46 @@ void dispatch_channels(int64_t ci, int64_t co, const F& body) {
 }
 
 // s = y * a + b (the skip); z = maxpool2(s @ wt + bias); idx = the window position of each maximum.
-// y [N, D, H, W, Ci]; a, b [Ci]; wt [Ci, Co]; bias [Co]. Returns s, z [N, D2, H/2, W/2, Co], idx (uint8, as z).
+// y [N, D, H, W, Ci]; a, b [Ci]; wt [Ci, Co]; bias [Co]. Returns s, z [N, D2, H/2, W/2, Co], idx (uint8, as z) and,
+// with act_gelu, z's GELU in place of z and z itself as a fourth tensor (else an empty one).
 std::vector<at::Tensor> encoder_tail_forward(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
-                                             const at::Tensor& wt, const at::Tensor& bias, bool pool_d) {
+                                             const at::Tensor& wt, const at::Tensor& bias, bool pool_d,
+                                             bool act_gelu) {
   const Geometry g = geometry(y, wt.size(1), pool_d);
   TORCH_CHECK(wt.is_contiguous() && wt.size(0) == g.ci && a.is_contiguous() && b.is_contiguous() &&
               bias.is_contiguous(), "encoder_tail_forward: bad parameter shapes");
   auto s = at::empty_like(y);
   auto z = at::empty({g.n, g.d2, g.h2, g.w2, g.co}, y.options());
   auto idx = at::empty({g.n, g.d2, g.h2, g.w2, g.co}, y.options().dtype(at::kByte));
+  auto pre = act_gelu ? at::empty_like(z) : at::empty({0}, y.options());
+  float* ppre = act_gelu ? pre.data_ptr<float>() : nullptr;
   const float *py = y.data_ptr<float>(), *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
   const float *pw = wt.data_ptr<float>(), *pbias = bias.data_ptr<float>();
   float *ps = s.data_ptr<float>(), *pz = z.data_ptr<float>();
   uint8_t* pi = idx.data_ptr<uint8_t>();
   dispatch_channels(g.ci, g.co, [&]<int CI, int CO>() {
     by_parts(g.groups(), num_parts(g.groups()), [&](int64_t, int64_t g0, int64_t g1) {
-      forward_groups<CI, CO>(g, g0, g1, py, pa, pb, pw, pbias, ps, pz, pi);
+      forward_groups<CI, CO>(g, g0, g1, py, pa, pb, pw, pbias, ps, pz, pi, ppre);
     });
   });
-  return {s, z, idx};
+  return {s, z, idx, pre};
 }
 
 // The per-group work of the backward's first pass (see encoder_tail_backward); CI, CO as in forward_groups, WIN
-// the voxels of a pooling window (4 in 2D, 8 in 3D; only used with CI, CO > 0).
+// the voxels of a pooling window (4 in 2D, 8 in 3D; only used with CI, CO > 0). The skip s = y * a + b is
+// recomputed per window (reading it back cost a full-resolution pass); with ppre, pgz is the gradient of the GELU
+// of the pooled values ppre.
 template <int CI, int CO, int WIN>
 void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __restrict__ pgz,
-                     const uint8_t* __restrict__ pi, const float* __restrict__ py, const float* __restrict__ ps,
-                     const float* __restrict__ pgs, const float* __restrict__ pw, const float* __restrict__ pm,
-                     float* __restrict__ pgy, float* __restrict__ aw, float* __restrict__ ab, float* __restrict__ ag,
+                     const uint8_t* __restrict__ pi, const float* __restrict__ py, const float* __restrict__ pa,
+                     const float* __restrict__ pb, const float* __restrict__ ppre, const float* __restrict__ pgs,
+                     const float* __restrict__ pw, const float* __restrict__ pm, float* __restrict__ pgy,
+                     float* __restrict__ aw, float* __restrict__ ab, float* __restrict__ ag,
                      float* __restrict__ agx) {
   const int64_t ci = CI > 0 ? CI : g.ci, co = CO > 0 ? CO : g.co, win = 2 * g.rows;
-  std::vector<float> local_buf(win * ci);
+  std::vector<float> local_buf(win * ci), skip_buf(win * ci), gz_buf(co + 16);
   float* __restrict__ local = local_buf.data();
+  float* __restrict__ sw = skip_buf.data();  // the window's skip values, [win][ci]
   int64_t vox[8];
   constexpr int VWS = CI >= 16 ? 16 : 8;
   constexpr int NVS = CI > 0 ? CI / VWS : 1;
@@ -306,8 +391,21 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
     for (int64_t x2 = 0; x2 < g.w2; ++x2) {
       for (int64_t j = 0; j < win; ++j) vox[j] = starts[j / 2] + 2 * x2 + j % 2;
       const float* __restrict__ gzo = pgz + (o0 + x2) * co;
+      if (ppre != nullptr) {
+        gelu_grad(gzo, ppre + (o0 + x2) * co, gz_buf.data(), co);
+        gzo = gz_buf.data();
+      }
       const uint8_t* __restrict__ io = pi + (o0 + x2) * co;
       for (int64_t c = 0; c < co; ++c) ab[c] += gzo[c];
+      if constexpr (CI > 0) {
+        for (int j = 0; j < WIN; ++j)
+          for (int u = 0; u < NVS; ++u)
+            store<VWS>(sw + j * CI + u * VWS,
+                       load<VWS>(py + vox[j] * CI + u * VWS) * load<VWS>(pa + u * VWS) + load<VWS>(pb + u * VWS));
+      } else {
+        for (int64_t j = 0; j < win; ++j)
+          for (int64_t k = 0; k < ci; ++k) sw[j * ci + k] = py[vox[j] * ci + k] * pa[k] + pb[k];
+      }
       if constexpr (CI > 0 && CO > 0) {
         // dense: gp[j][c] is the window's gradient of the 1x1 conv output (zero but at each maximum), then
         // local = gp @ weight and aw += gp^T @ s, with register accumulators (a sparse scatter into `local`
@@ -338,7 +436,7 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
           for (int v = 0; v < NV; ++v) acc[v] = load<VW>(awc + v * VW);
           for (int j = 0; j < WIN; ++j) {
             const float gjc = gp[j][c];
-            const float* sj = ps + vox[j] * CI;
+            const float* sj = sw + j * CI;
             for (int v = 0; v < NV; ++v) acc[v] += gjc * load<VW>(sj + v * VW);
           }
           for (int v = 0; v < NV; ++v) store<VW>(awc + v * VW, acc[v]);
@@ -350,7 +448,7 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
           if (gc == 0.f) continue;
           const int64_t j = io[c];
           const float* __restrict__ wc = pw + c * ci;
-          const float* __restrict__ sj = ps + vox[j] * ci;
+          const float* __restrict__ sj = sw + j * ci;
           float* __restrict__ lj = local + j * ci;
           float* __restrict__ awc = aw + c * ci;
           for (int64_t k = 0; k < ci; ++k) {
@@ -412,34 +510,41 @@ void second_pass(float* __restrict__ pgy, const float* __restrict__ py, int64_t 
 }
 
 // Backward of encoder_tail_forward followed by batch norm's backward.
-// gz: gradient of z; gskip: gradient reaching s from elsewhere (the decoder), or an empty tensor; weight [Co, Ci].
+// gz: gradient of z, or with a non-empty pre (encoder_tail_forward's fourth output) of gelu(pre); gskip: gradient
+// reaching s from elsewhere (the decoder), or an empty tensor; weight [Co, Ci]; a, b as in encoder_tail_forward.
 // With batch statistics (training), gy = a * (gs - sum(gs) / M - (y - mean) * invstd^2 * sum(gs * (y - mean)) / M),
 // else gy = a * gs. Returns gy, grad of weight [Co, Ci], grad of bias [Co], sum(gs) [Ci], sum(gs * (y - mean)) [Ci].
 std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Tensor& idx, const at::Tensor& y,
-                                              const at::Tensor& s, const at::Tensor& gskip, const at::Tensor& weight,
-                                              const at::Tensor& a, const at::Tensor& mean, const at::Tensor& invstd,
-                                              bool batch_stats, bool pool_d) {
+                                              const at::Tensor& pre, const at::Tensor& gskip,
+                                              const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                                              const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
+                                              bool pool_d) {
   const Geometry g = geometry(y, weight.size(0), pool_d);
-  TORCH_CHECK(gz.is_contiguous() && idx.is_contiguous() && s.is_contiguous() && weight.is_contiguous() &&
-              weight.size(1) == g.ci && gz.numel() == idx.numel(), "encoder_tail_backward: bad shapes");
+  TORCH_CHECK(gz.is_contiguous() && idx.is_contiguous() && weight.is_contiguous() && weight.size(1) == g.ci &&
+              gz.numel() == idx.numel() && a.is_contiguous() && b.is_contiguous() && a.numel() == g.ci &&
+              b.numel() == g.ci, "encoder_tail_backward: bad shapes");
+  const bool has_pre = pre.defined() && pre.numel() > 0;
+  TORCH_CHECK(!has_pre || (pre.is_contiguous() && pre.numel() == gz.numel()), "encoder_tail_backward: pre");
   const bool has_skip = gskip.defined() && gskip.numel() > 0;
   TORCH_CHECK(!has_skip || (gskip.is_contiguous() && gskip.numel() == y.numel()), "encoder_tail_backward: gskip");
   const int64_t ci = g.ci, co = g.co, w = g.w, win = 2 * g.rows;
   const int64_t parts = num_parts(g.groups());
   auto gy = at::empty_like(y);
   PartSums acc_w(parts, co * ci), acc_b(parts, co), acc_g(parts, ci), acc_gx(parts, ci);
-  const float *pgz = gz.data_ptr<float>(), *py = y.data_ptr<float>(), *ps = s.data_ptr<float>();
+  const float *pgz = gz.data_ptr<float>(), *py = y.data_ptr<float>(), *pb = b.data_ptr<float>();
   const float *pw = weight.data_ptr<float>(), *pm = mean.data_ptr<float>();
+  const float* ppre = has_pre ? pre.data_ptr<float>() : nullptr;
+  const float* pa = a.data_ptr<float>();
   const float* pgs = has_skip ? gskip.data_ptr<float>() : nullptr;
   const uint8_t* pi = idx.data_ptr<uint8_t>();
   float* pgy = gy.data_ptr<float>();
   dispatch_channels(ci, co, [&]<int CI, int CO>() {
     by_parts(g.groups(), parts, [&](int64_t part, int64_t g0, int64_t g1) {
       if (g.pool_d)
-        backward_groups<CI, CO, 8>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.part(part),
+        backward_groups<CI, CO, 8>(g, g0, g1, pgz, pi, py, pa, pb, ppre, pgs, pw, pm, pgy, acc_w.part(part),
                                    acc_b.part(part), acc_g.part(part), acc_gx.part(part));
       else
-        backward_groups<CI, CO, 4>(g, g0, g1, pgz, pi, py, ps, pgs, pw, pm, pgy, acc_w.part(part),
+        backward_groups<CI, CO, 4>(g, g0, g1, pgz, pi, py, pa, pb, ppre, pgs, pw, pm, pgy, acc_w.part(part),
                                    acc_b.part(part), acc_g.part(part), acc_gx.part(part));
     });
   });
@@ -451,7 +556,7 @@ std::vector<at::Tensor> encoder_tail_backward(const at::Tensor& gz, const at::Te
   // second pass, in place: gy = a * gs + coef * (y - mean) + shift
   const int64_t m = y.numel() / ci;
   std::vector<float> scale(ci), coef(ci), shift(ci);
-  const float *pa = a.data_ptr<float>(), *pinv = invstd.data_ptr<float>();
+  const float* pinv = invstd.data_ptr<float>();
   for (int64_t k = 0; k < ci; ++k) {
     scale[k] = pa[k];
     coef[k] = batch_stats ? -pa[k] * pinv[k] * pinv[k] * psgx[k] / static_cast<float>(m) : 0.f;
@@ -526,39 +631,6 @@ std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------------------ 1x1 conv + GELU (decoder tail)
-
-// exp(x) on a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (relative error
-// below 2e-7), 2^n from the exponent bits.
-template <typename V>
-inline V vexp(V x) {
-  using I = decltype(x < x);
-  const V zero{};
-  x = x > zero + 88.0f ? zero + 88.0f : x;
-  x = x < zero - 87.0f ? zero - 87.0f : x;
-  const V t = x * 1.44269504f;
-  const I n = __builtin_convertvector(t + (t >= zero ? zero + 0.5f : zero - 0.5f), I);
-  const V nf = __builtin_convertvector(n, V);
-  const V r = x - nf * 0.693145751953125f - nf * 1.4286068203094172e-06f;
-  const V p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-  const I bits = (n + 127) << 23;
-  return p * reinterpret_cast<const V&>(bits);
-}
-
-// GELU(x) = x * Phi(x) and, if dy, its derivative Phi(x) + x * phi(x). Phi through erf by Abramowitz & Stegun
-// 7.1.26 (absolute error below 1.5e-7), computed without cancellation on either side of zero.
-template <typename V>
-inline V gelu(V x, V* dy) {
-  const V zero{};
-  const V u = x * 0.70710678118654752f;
-  const V au = u < zero ? -u : u;
-  const V t = 1.0f / (1.0f + 0.3275911f * au);
-  const V poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const V e = vexp(-au * au);  // exp(-x^2 / 2)
-  const V tail = 0.5f * poly * e;  // 1 - Phi(|x|)
-  const V cdf = u < zero ? tail : 1.0f - tail;
-  if (dy != nullptr) *dy = cdf + x * e * 0.39894228040143268f;
-  return x * cdf;
-}
 
 // The backward of a square 1x1 conv over P voxels whose output gradients are gh [P][C]: the input gradients
 // gh[p] @ w (w [C, C], row c the weights of output channel c) stored at out(p), and gw += gh^T @ x (x(p) the voxels'
