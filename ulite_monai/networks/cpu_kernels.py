@@ -270,33 +270,60 @@ def encoder_tail(norm: torch.nn.Module, pw: torch.nn.Module, y: torch.Tensor, ac
 
 
 class _PointwiseGelu(torch.autograd.Function):
-    """``gelu(rows @ weight^T + bias)`` for ``rows`` ``[M, C]`` (a channels-last tensor's memory); the backward
+    """``gelu(rows @ weight^T + bias)`` for ``rows`` ``[M, C]`` (a channels-last tensor's memory), or with a head
+    (``head_weight`` ``(HO <= 8, C, 1...)``) that GELU's 1x1 conv ``[M, HO]``, the GELU never stored; the backward
     recomputes the pre-activation instead of keeping it."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, ext):  # noqa: D102
+    def forward(ctx, rows, weight, bias, head_weight, head_bias, ext):  # noqa: D102
         w2 = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
-        out = ext.pw_gelu_forward(rows, w2, bias.contiguous())
-        ctx.save_for_backward(rows, w2, bias)
-        ctx.flags = (ext, weight.shape)
+        hw = hb = torch.empty(0)
+        if head_weight is not None:
+            hw = head_weight.reshape(head_weight.shape[0], head_weight.shape[1]).contiguous()
+            hb = head_bias.contiguous()
+        out = ext.pw_gelu_forward(rows, w2, bias.contiguous(), hw, hb)
+        ctx.save_for_backward(rows, w2, bias, hw)
+        ctx.flags = (ext, weight.shape, None if head_weight is None else head_weight.shape)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: D102
-        rows, w2, bias = ctx.saved_tensors
-        ext, wshape = ctx.flags
-        gx, gw, gb = ext.pw_gelu_backward(g.contiguous(), rows, w2, bias.contiguous())
-        return gx, gw.view(wshape), gb, None
+        rows, w2, bias, hw = ctx.saved_tensors
+        ext, wshape, hshape = ctx.flags
+        gx, gw, gb, ghw, ghb = ext.pw_gelu_backward(g.contiguous(), rows, w2, bias.contiguous(), hw)
+        return gx, gw.view(wshape), gb, None if hshape is None else ghw.view(hshape), ghb, None
 
 
 #: channel counts of the compiled 1x1 conv + GELU kernels (square weights: a decoder's second 1x1 conv)
 PW_GELU_CHANNELS = (8, 16, 32, 64)
 
+#: the most output channels of a head that runs inside the 1x1 conv + GELU kernels
+MAX_HEAD_CHANNELS = 8
 
-def pointwise_gelu(pw: torch.nn.Module, act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+
+def _kernel_head(head: torch.nn.Module, nd: int, c: int) -> bool:
+    """Whether ``head`` is a plain 1x1 conv of ``c`` inputs and at most :data:`MAX_HEAD_CHANNELS` outputs with a
+    bias, which the 1x1 conv + GELU kernels can run."""
+    return (
+        type(head) is (torch.nn.Conv2d if nd == 2 else torch.nn.Conv3d)
+        and head.in_channels == c
+        and 1 <= head.out_channels <= MAX_HEAD_CHANNELS
+        and head.groups == 1
+        and head.bias is not None
+        and head.weight.dtype == torch.float32
+        and all(k == 1 for k in head.kernel_size)
+        and all(st == 1 for st in head.stride)
+        and (head.padding in ("valid", "same") or all(p == 0 for p in head.padding))
+    )
+
+
+def pointwise_gelu(pw: torch.nn.Module, act: torch.nn.Module, x: torch.Tensor,
+                   head: torch.nn.Module | None = None) -> torch.Tensor | None:
     """``act(pw(x))`` for a square 1x1 conv ``pw`` and an exact ``nn.GELU`` ``act`` through one fused kernel
-    each way (a decoder's last two operations); ``None`` where it does not apply (then run the stock operators):
+    each way (a decoder's last two operations), or ``head(act(pw(x)))`` with a ``head``: a 1x1 conv of at most
+    :data:`MAX_HEAD_CHANNELS` outputs (the network's output conv) runs inside the same kernels, the GELU's output
+    never stored; any other head after them. ``None`` where the kernels do not apply (then run the stock operators):
     as :func:`encoder_tail`, for channel counts in :data:`PW_GELU_CHANNELS`."""
     nd = x.dim() - 2
     c = x.shape[1]
@@ -317,9 +344,12 @@ def pointwise_gelu(pw: torch.nn.Module, act: torch.nn.Module, x: torch.Tensor) -
         return None
     plain = _plain(x)
     cl = plain.permute(0, *range(2, nd + 2), 1)  # [N, (D,) H, W, C]: a view of the channels-last memory
-    out = _PointwiseGelu.apply(cl.reshape(-1, c), pw.weight, pw.bias, ext)
-    out = out.view(cl.shape).permute(0, nd + 1, *range(1, nd + 1))
-    return _like_input(out, x)
+    inside = head is not None and _kernel_head(head, nd, c)
+    out = _PointwiseGelu.apply(cl.reshape(-1, c), pw.weight, pw.bias, head.weight if inside else None,
+                               head.bias if inside else None, ext)
+    out = out.view(*cl.shape[:-1], out.shape[-1]).permute(0, nd + 1, *range(1, nd + 1))
+    out = _like_input(out, x)
+    return head(out) if head is not None and not inside else out
 
 
 class _AxialConv(torch.autograd.Function):

@@ -42,6 +42,18 @@ def _conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pointwise_conv(x, conv.weight, conv.bias)
 
 
+def _without_hooks(*modules: nn.Module) -> bool:
+    """Whether no hook (the modules' own or global) watches these modules' calls, so that one may run inside
+    another's call without anyone seeing the difference."""
+    from torch.nn.modules import module as _module
+
+    if any(getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                      "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
+
+
 class AxialDWConv(nn.Module):
     """Axial depthwise convolution with identity: ``x + sum_axis dwconv_axis(x)``.
 
@@ -231,9 +243,12 @@ class ULiteDecoderBlock(nn.Module):
         return self.act(self.pw2(self.dw.reference_forward(self.norm(self.pw(x)))))
 
     @torch.jit.unused
-    def _forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, skip: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """The block's output, or with ``head`` (the network's 1x1 output conv) that conv of it: on the CPU one
+        kernel runs the block's last 1x1 conv, its GELU and the head, the GELU's output never stored."""
         if resolve_axial_impl(self.axial_impl, x.device.type, self.spatial_dims) == "reference":
-            return self.reference_forward(x, skip)
+            out = self.reference_forward(x, skip)
+            return out if head is None else head(out)
         n_up = self.pw.in_channels - self.pw.out_channels  # a Python int, also under torch.compile
         w = self.pw.weight
         lo = pointwise_conv(x, w[:, :n_up], self.pw.bias)
@@ -241,8 +256,11 @@ class ULiteDecoderBlock(nn.Module):
         if y is None:
             y = batch_norm(self.norm, upsample_add(lo, pointwise_conv(skip, w[:, n_up:], None)))
         y = self.dw(y)
-        fused = pointwise_gelu(self.pw2, self.act, y) if self.fused_tail else None
-        return fused if fused is not None else self.act(_conv1x1(self.pw2, y))
+        fused = pointwise_gelu(self.pw2, self.act, y, head) if self.fused_tail else None
+        if fused is not None:
+            return fused
+        out = self.act(_conv1x1(self.pw2, y))
+        return out if head is None else _conv1x1(head, out)
 
 
 class ULiteBottleneck(nn.Module):
@@ -448,7 +466,12 @@ class ULite(nn.Module):
         x = self.bottleneck(x)
         n = len(skips)
         for i, dec in enumerate(self.decoders):
+            if i == n - 1 and impl != "reference" and _without_hooks(dec, self.conv_out):
+                # the last decoder runs the output conv too (ULiteDecoderBlock._forward's head)
+                return crop_to(dec._forward(x, skips[0], head=self.conv_out), crop).contiguous()
             x = dec(x, skips[n - 1 - i])
         if impl == "reference":
             return crop_to(self.conv_out(x), crop)
+        if not _without_hooks(self.conv_out):
+            return crop_to(self.conv_out(x), crop).contiguous()  # its hooks see the call
         return crop_to(_conv1x1(self.conv_out, x), crop).contiguous()

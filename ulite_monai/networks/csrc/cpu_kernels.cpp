@@ -663,15 +663,50 @@ inline void pointwise_backward(const float (*gh)[C], const float* __restrict__ w
   }
 }
 
+// A 1x1 conv of HO <= 8 output channels after the decoder tail (the network's output conv), for the P rows of one
+// pw_gelu_rows call: wt [C][8] (zero-padded), w [HO][C], bias [8] (zero-padded); g, out the rows' head gradients
+// and outputs [P][HO]; gw [HO][C], gb [HO] the calling thread's gradient accumulators.
+struct HeadRows {
+  const float* wt;
+  const float* w;
+  const float* bias;
+  int64_t ho;
+  const float* g;
+  float* out;
+  float* gw;
+  float* gb;
+};
+
 // out = gelu(x @ w^T + bias) over rows of [M, C] (C = CI = CO), P rows at a time for independent FMA chains; with
-// G (backward), recomputes the pre-activation and returns gx = (g * gelu') @ w, accumulating gw, gb.
-template <int C, int P, bool BACKWARD>
+// G (backward), recomputes the pre-activation and returns gx = (g * gelu') @ w, accumulating gw, gb. With HEAD the
+// rows go on through the head (hd): the forward writes only its outputs, and the backward starts from its gradients
+// (g = hd.g @ hd.w, and the head's own gradients from the recomputed GELU).
+template <int C, int P, bool BACKWARD, bool HEAD = false>
 inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ w,
                          const float* __restrict__ bias, const float* __restrict__ g, float* __restrict__ out,
-                         float* __restrict__ gw, float* __restrict__ gb) {
+                         float* __restrict__ gw, float* __restrict__ gb, const HeadRows& hd = HeadRows{}) {
   constexpr int VW = C >= 16 ? 16 : 8;
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
+  alignas(64) float act[HEAD ? P : 1][C];  // with HEAD, the GELU's outputs
+  alignas(64) float gact[HEAD && BACKWARD ? P : 1][C];  // with HEAD (backward), the gradients reaching them
+  if constexpr (HEAD && BACKWARD) {
+    for (int p = 0; p < P; ++p) {
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = V{};
+      for (int64_t j = 0; j < hd.ho; ++j) {
+        const float gj = hd.g[p * hd.ho + j];
+        for (int v = 0; v < NV; ++v) acc[v] += gj * load<VW>(hd.w + j * C + v * VW);
+      }
+      for (int v = 0; v < NV; ++v) store<VW>(&gact[p][v * VW], acc[v]);
+    }
+    for (int64_t j = 0; j < hd.ho; ++j) {
+      float sum = 0.f;
+      for (int p = 0; p < P; ++p) sum += hd.g[p * hd.ho + j];
+      hd.gb[j] += sum;
+    }
+    g = &gact[0][0];
+  }
   V h[P][NV];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < NV; ++v) h[p][v] = load<VW>(bias + v * VW);
@@ -687,13 +722,15 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
     // 8 channels: the GELU on two rows at a time in one 16-wide vector (its cost is per vector, whatever the
     // width; rows p and p + 1 are adjacent in x, g, out and gh)
     if constexpr (!BACKWARD) {
-      for (int p = 0; p < P; p += 2) store<16>(out + p * C, gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr));
+      for (int p = 0; p < P; p += 2)
+        store<16>(HEAD ? &act[p][0] : out + p * C, gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr));
     } else {
       alignas(64) float gh[P][C];
       v8 gbv = load<8>(gb);
       for (int p = 0; p < P; p += 2) {
         v16 d;
-        gelu<v16>(join8(h[p][0], h[p + 1][0]), &d);
+        const v16 o = gelu<v16>(join8(h[p][0], h[p + 1][0]), &d);
+        if constexpr (HEAD) store<16>(&act[p][0], o);
         const v16 ghv = load<16>(g + p * C) * d;
         store<16>(&gh[p][0], ghv);
         gbv += low8(ghv) + high8(ghv);
@@ -703,32 +740,82 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
     }
   } else if constexpr (!BACKWARD) {
     for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) store<VW>(out + p * C + v * VW, gelu<V>(h[p][v], nullptr));
+      for (int v = 0; v < NV; ++v) store<VW>(HEAD ? &act[p][v * VW] : out + p * C + v * VW, gelu<V>(h[p][v], nullptr));
   } else {
     alignas(64) float gh[P][C];
     for (int p = 0; p < P; ++p)
       for (int v = 0; v < NV; ++v) {
         V d;
-        gelu<V>(h[p][v], &d);
+        const V o = gelu<V>(h[p][v], &d);
+        if constexpr (HEAD) store<VW>(&act[p][v * VW], o);
         const V ghv = load<VW>(g + p * C + v * VW) * d;
         store<VW>(&gh[p][v * VW], ghv);
         store<VW>(gb + v * VW, load<VW>(gb + v * VW) + ghv);
       }
     pointwise_backward<C, P>(gh, w, [&](int p) { return x + p * C; }, [&](int p) { return out + p * C; }, gw);
   }
+  if constexpr (HEAD && !BACKWARD) {
+    // the head's outputs (padded to 8) of row p accumulate in two vectors, even and odd channels: 2P independent
+    // chains of FMAs (one chain per row was latency-bound, and doubled the kernel's time)
+    v8 acc[P][2];
+    for (int p = 0; p < P; ++p) { acc[p][0] = load<8>(hd.bias); acc[p][1] = v8{}; }
+    for (int c = 0; c < C; c += 2) {
+      const v8 w0 = load<8>(hd.wt + c * 8), w1 = load<8>(hd.wt + (c + 1) * 8);
+      for (int p = 0; p < P; ++p) {
+        acc[p][0] += act[p][c] * w0;
+        acc[p][1] += act[p][c + 1] * w1;
+      }
+    }
+    for (int p = 0; p < P; ++p) {
+      alignas(32) float o[8];
+      store<8>(o, acc[p][0] + acc[p][1]);
+      for (int64_t j = 0; j < hd.ho; ++j) hd.out[p * hd.ho + j] = o[j];
+    }
+  } else if constexpr (HEAD) {
+    for (int64_t j = 0; j < hd.ho; ++j) {
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = load<VW>(hd.gw + j * C + v * VW);
+      for (int p = 0; p < P; ++p) {
+        const float gj = hd.g[p * hd.ho + j];
+        for (int v = 0; v < NV; ++v) acc[v] += gj * load<VW>(&act[p][v * VW]);
+      }
+      for (int v = 0; v < NV; ++v) store<VW>(hd.gw + j * C + v * VW, acc[v]);
+    }
+  }
 }
 
+// The head's data for pw_gelu_all: head (as HeadRows, g and out for all M rows) and its per-thread accumulators.
+struct Head {
+  HeadRows rows;
+  PartSums* acc_w;
+  PartSums* acc_b;
+};
+
+// pw_gelu_rows over all M rows, in parallel; with head, through the head (out: its outputs in the forward, gx in the
+// backward, as without; g: the head's gradients are in head->rows.g).
 template <int C, bool BACKWARD>
 void pw_gelu_all(int64_t m, const float* x, const float* wt, const float* w, const float* bias, const float* g,
-                 float* out, PartSums* acc_w, PartSums* acc_b, int64_t parts) {
+                 float* out, PartSums* acc_w, PartSums* acc_b, int64_t parts, const Head* head = nullptr) {
   by_parts(m, parts, [&](int64_t part, int64_t r0, int64_t r1) {
     float* gw = BACKWARD ? acc_w->part(part) : nullptr;
     float* gb = BACKWARD ? acc_b->part(part) : nullptr;
+    HeadRows hd{};
+    if (head != nullptr) {
+      hd = head->rows;
+      hd.gw = BACKWARD ? head->acc_w->part(part) : nullptr;
+      hd.gb = BACKWARD ? head->acc_b->part(part) : nullptr;
+    }
+    const auto rows = [&]<int P>(int64_t r) {
+      const float* gr = BACKWARD && head == nullptr ? g + r * C : nullptr;
+      float* o = BACKWARD || head == nullptr ? out + r * C : nullptr;
+      if (head == nullptr) return pw_gelu_rows<C, P, BACKWARD>(x + r * C, wt, w, bias, gr, o, gw, gb);
+      HeadRows at = hd;
+      if (BACKWARD) at.g = hd.g + r * hd.ho; else at.out = hd.out + r * hd.ho;
+      pw_gelu_rows<C, P, BACKWARD, true>(x + r * C, wt, w, bias, gr, o, gw, gb, at);
+    };
     int64_t r = r0;
-    for (; r + 4 <= r1; r += 4)
-      pw_gelu_rows<C, 4, BACKWARD>(x + r * C, wt, w, bias, BACKWARD ? g + r * C : nullptr, out + r * C, gw, gb);
-    for (; r < r1; ++r)
-      pw_gelu_rows<C, 1, BACKWARD>(x + r * C, wt, w, bias, BACKWARD ? g + r * C : nullptr, out + r * C, gw, gb);
+    for (; r + 4 <= r1; r += 4) rows.template operator()<4>(r);
+    for (; r < r1; ++r) rows.template operator()<1>(r);
   });
 }
 
@@ -743,38 +830,76 @@ bool dispatch_channel_count(int64_t c, const F& body) {
   return false;
 }
 
-// gelu(x @ weight^T + bias) for x [M, C], weight [C, C] (C in 8, 16, 32, 64).
-at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+// The head's weight [HO, C] checked (HO <= 8) and transposed into [C][8], zero-padded, and its bias padded to 8.
+std::pair<at::Tensor, at::Tensor> head_padded(const at::Tensor& hw, const at::Tensor& hb, int64_t c) {
+  TORCH_CHECK(hw.dim() == 2 && hw.is_contiguous() && hw.size(1) == c && hw.size(0) >= 1 && hw.size(0) <= 8 &&
+              hb.is_contiguous() && hb.numel() == hw.size(0), "pw_gelu: the head must be [HO <= 8, C] with [HO] bias");
+  auto wt = at::zeros({c, 8}, hw.options());
+  wt.narrow(1, 0, hw.size(0)).copy_(hw.t());
+  auto bias = at::zeros({8}, hw.options());
+  bias.narrow(0, 0, hw.size(0)).copy_(hb);
+  return {wt, bias};
+}
+
+// gelu(x @ weight^T + bias) for x [M, C], weight [C, C] (C in 8, 16, 32, 64); with a head (head_w [HO, C], HO <= 8,
+// head_b [HO]; empty tensors: none), that GELU's head_w 1x1 conv [M, HO] instead.
+at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& head_w, const at::Tensor& head_b) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && weight.is_contiguous() &&
               weight.size(0) == x.size(1) && weight.size(1) == x.size(1) && bias.is_contiguous(),
               "pw_gelu_forward: expected x [M, C] and a square weight [C, C]");
-  auto out = at::empty_like(x);
+  const int64_t m = x.size(0), c = x.size(1);
+  const bool has_head = head_w.defined() && head_w.numel() > 0;
+  at::Tensor out, hwt, hbias;
+  Head head{};
+  if (has_head) {
+    std::tie(hwt, hbias) = head_padded(head_w, head_b, c);
+    out = at::empty({m, head_w.size(0)}, x.options());
+    head.rows = HeadRows{hwt.data_ptr<float>(), head_w.data_ptr<float>(), hbias.data_ptr<float>(), head_w.size(0),
+                         nullptr, out.data_ptr<float>(), nullptr, nullptr};
+  } else {
+    out = at::empty_like(x);
+  }
   auto wt = weight.t().contiguous();
-  const int64_t m = x.size(0);
-  const bool ok = dispatch_channel_count(x.size(1), [&]<int C>() {
+  const bool ok = dispatch_channel_count(c, [&]<int C>() {
     pw_gelu_all<C, false>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
-                          bias.data_ptr<float>(), nullptr, out.data_ptr<float>(), nullptr, nullptr,
-                          num_parts(m / 256 + 1));
+                          bias.data_ptr<float>(), nullptr, has_head ? nullptr : out.data_ptr<float>(), nullptr,
+                          nullptr, num_parts(m / 256 + 1), has_head ? &head : nullptr);
   });
   TORCH_CHECK(ok, "pw_gelu_forward: channels must be 8, 16, 32 or 64");
   return out;
 }
 
-// Gradients of pw_gelu_forward: gx [M, C], gweight [C, C], gbias [C].
+// Gradients of pw_gelu_forward (g: of its output, the head's with a head): gx [M, C], gweight [C, C], gbias [C], and
+// with a head its gweight [HO, C] and gbias [HO] (else empty tensors).
 std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
-                                         const at::Tensor& bias) {
-  TORCH_CHECK(g.is_contiguous() && g.sizes() == x.sizes() && x.is_contiguous(), "pw_gelu_backward: shapes");
+                                         const at::Tensor& bias, const at::Tensor& head_w) {
+  const bool has_head = head_w.defined() && head_w.numel() > 0;
   const int64_t m = x.size(0), c = x.size(1);
+  TORCH_CHECK(g.is_contiguous() && x.is_contiguous() && g.dim() == 2 && g.size(0) == m &&
+              g.size(1) == (has_head ? head_w.size(0) : c), "pw_gelu_backward: shapes");
   const int64_t parts = num_parts(m / 256 + 1);
   auto gx = at::empty_like(x);
   auto wt = weight.t().contiguous();
-  PartSums acc_w(parts, c * c), acc_b(parts, c);
+  const int64_t ho = has_head ? head_w.size(0) : 0;
+  PartSums acc_w(parts, c * c), acc_b(parts, c), acc_hw(parts, std::max<int64_t>(1, ho * c)),
+      acc_hb(parts, std::max<int64_t>(1, ho));
+  Head head{};
+  if (has_head) {
+    TORCH_CHECK(head_w.is_contiguous() && head_w.dim() == 2 && head_w.size(1) == c && ho <= 8,
+                "pw_gelu_backward: the head must be [HO <= 8, C]");
+    head = Head{HeadRows{nullptr, head_w.data_ptr<float>(), nullptr, ho, g.data_ptr<float>(), nullptr, nullptr,
+                         nullptr}, &acc_hw, &acc_hb};
+  }
   const bool ok = dispatch_channel_count(c, [&]<int C>() {
     pw_gelu_all<C, true>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
-                         bias.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), &acc_w, &acc_b, parts);
+                         bias.data_ptr<float>(), has_head ? nullptr : g.data_ptr<float>(), gx.data_ptr<float>(),
+                         &acc_w, &acc_b, parts, has_head ? &head : nullptr);
   });
   TORCH_CHECK(ok, "pw_gelu_backward: channels must be 8, 16, 32 or 64");
-  return {gx, acc_w.sum({c, c}, x.options()), acc_b.sum({c}, x.options())};
+  if (!has_head) return {gx, acc_w.sum({c, c}, x.options()), acc_b.sum({c}, x.options()), at::Tensor(), at::Tensor()};
+  return {gx, acc_w.sum({c, c}, x.options()), acc_b.sum({c}, x.options()), acc_hw.sum({ho, c}, x.options()),
+          acc_hb.sum({ho}, x.options())};
 }
 
 // ---------------------------------------------------------------------------------- axial depthwise convolution
