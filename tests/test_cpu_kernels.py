@@ -64,6 +64,25 @@ def _assert_same_gradients_and_statistics(fused, stock, where) -> None:
         assert torch.allclose(buf.float(), other.float(), rtol=1e-5, atol=1e-6), (where, name)
 
 
+def _spy_on(monkeypatch, kernel: str, record) -> None:
+    """Route the extension through a proxy that calls ``record(args)`` before each call of its function ``kernel``."""
+    ext = load_extension()
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(ext, name)
+            if name != kernel:
+                return fn
+
+            def call(*args):
+                record(args)
+                return fn(*args)
+
+            return call
+
+    monkeypatch.setattr(cpu_kernels, "load_extension", lambda *a, **k: Spy())
+
+
 def _step(blk, x, gz, gs):
     xi = x.clone().requires_grad_(True)
     z, s = blk(xi)
@@ -118,22 +137,8 @@ def test_fused_tail_matches_the_stock_operators(dims, cin, cout, shape, norm_kw)
 def test_encoder_activation_runs_inside_the_kernels_or_after_them(act, dims, cin, cout, shape, monkeypatch):
     """An exact GELU runs inside the encoder tail's kernels (forward and backward), any other activation after
     them; the block matches the stock operators either way (compiled and generic channel counts)."""
-    ext = load_extension()
     gelu_flags = []
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(ext, name)
-            if name != "encoder_tail_forward":
-                return fn
-
-            def forward(*args):
-                gelu_flags.append(args[-1])
-                return fn(*args)
-
-            return forward
-
-    monkeypatch.setattr(cpu_kernels, "load_extension", lambda *a, **k: Spy())
+    _spy_on(monkeypatch, "encoder_tail_forward", lambda args: gelu_flags.append(args[-1]))
     torch.manual_seed(1)
     fused = _with_norm(ULiteEncoderBlock(dims, cin, cout, act=act), dims, cin)
     stock = copy.deepcopy(fused)
@@ -202,22 +207,8 @@ def test_the_output_conv_runs_inside_the_last_decoder_kernels(dims, cout, inside
     """The network's 1x1 output conv of up to 8 channels runs inside the last decoder's 1x1 conv + GELU kernels
     (forward and backward), a wider one after them, and none while a hook watches the output conv (the hook
     must see its call); the step matches the stock operators' in every case."""
-    ext = load_extension()
     heads = []
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(ext, name)
-            if name != "pw_gelu_forward":
-                return fn
-
-            def forward(*args):
-                heads.append(args[3].numel() > 0)
-                return fn(*args)
-
-            return forward
-
-    monkeypatch.setattr(cpu_kernels, "load_extension", lambda *a, **k: Spy())
+    _spy_on(monkeypatch, "pw_gelu_forward", lambda args: heads.append(args[3].numel() > 0))
     torch.manual_seed(0)
     cin = 3 if dims == 2 else 1
     net = ULite(dims, cin, cout, features=(8, 16, 32))
