@@ -57,6 +57,13 @@ inline v16 join8(v8 a, v8 b) {
 }
 inline v8 low8(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
 inline v8 high8(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
+// the sum of a vector's lanes
+inline float hsum(v8 a) {
+  typedef float v4 __attribute__((vector_size(16)));
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+inline float hsum(v16 a) { return hsum(low8(a) + high8(a)); }
 
 struct Geometry {
   int64_t n, d, h, w, ci, co, d2, h2, w2, rows;
@@ -664,10 +671,9 @@ inline void pointwise_backward(const float (*gh)[C], const float* __restrict__ w
 }
 
 // A 1x1 conv of HO <= 8 output channels after the decoder tail (the network's output conv), for the P rows of one
-// pw_gelu_rows call: wt [C][8] (zero-padded), w [HO][C], bias [8] (zero-padded); g, out the rows' head gradients
-// and outputs [P][HO]; gw [HO][C], gb [HO] the calling thread's gradient accumulators.
+// pw_gelu_rows call: w [HO][C], bias [HO]; g, out the rows' head gradients and outputs [P][HO]; gw [HO][C], gb [HO]
+// the calling thread's gradient accumulators.
 struct HeadRows {
-  const float* wt;
   const float* w;
   const float* bias;
   int64_t ho;
@@ -688,7 +694,7 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
   constexpr int VW = C >= 16 ? 16 : 8;
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
-  alignas(64) float act[HEAD ? P : 1][C];  // with HEAD, the GELU's outputs
+  alignas(64) float act[HEAD && BACKWARD ? P : 1][C];  // with HEAD (backward), the GELU's outputs
   alignas(64) float gact[HEAD && BACKWARD ? P : 1][C];  // with HEAD (backward), the gradients reaching them
   if constexpr (HEAD && BACKWARD) {
     for (int p = 0; p < P; ++p) {
@@ -721,9 +727,18 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
   if constexpr (C == 8 && P % 2 == 0) {
     // 8 channels: the GELU on two rows at a time in one 16-wide vector (its cost is per vector, whatever the
     // width; rows p and p + 1 are adjacent in x, g, out and gh)
-    if constexpr (!BACKWARD) {
-      for (int p = 0; p < P; p += 2)
-        store<16>(HEAD ? &act[p][0] : out + p * C, gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr));
+    if constexpr (!BACKWARD && HEAD) {
+      for (int p = 0; p < P; p += 2) {
+        const v16 o = gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr);
+        for (int64_t j = 0; j < hd.ho; ++j) {
+          const v8 wj = load<8>(hd.w + j * C);
+          const v16 prod = o * join8(wj, wj);
+          hd.out[p * hd.ho + j] = hsum(low8(prod)) + hd.bias[j];
+          hd.out[(p + 1) * hd.ho + j] = hsum(high8(prod)) + hd.bias[j];
+        }
+      }
+    } else if constexpr (!BACKWARD) {
+      for (int p = 0; p < P; p += 2) store<16>(out + p * C, gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr));
     } else {
       alignas(64) float gh[P][C];
       v8 gbv = load<8>(gb);
@@ -738,9 +753,20 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
       store<8>(gb, gbv);
       pointwise_backward<C, P>(gh, w, [&](int p) { return x + p * C; }, [&](int p) { return out + p * C; }, gw);
     }
+  } else if constexpr (!BACKWARD && HEAD) {
+    // the head's outputs as dot products of each row's GELU with the head's rows (lane sums of independent chains)
+    for (int p = 0; p < P; ++p) {
+      V o[NV];
+      for (int v = 0; v < NV; ++v) o[v] = gelu<V>(h[p][v], nullptr);
+      for (int64_t j = 0; j < hd.ho; ++j) {
+        V acc = o[0] * load<VW>(hd.w + j * C);
+        for (int v = 1; v < NV; ++v) acc += o[v] * load<VW>(hd.w + j * C + v * VW);
+        hd.out[p * hd.ho + j] = hsum(acc) + hd.bias[j];
+      }
+    }
   } else if constexpr (!BACKWARD) {
     for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) store<VW>(HEAD ? &act[p][v * VW] : out + p * C + v * VW, gelu<V>(h[p][v], nullptr));
+      for (int v = 0; v < NV; ++v) store<VW>(out + p * C + v * VW, gelu<V>(h[p][v], nullptr));
   } else {
     alignas(64) float gh[P][C];
     for (int p = 0; p < P; ++p)
@@ -754,24 +780,7 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
       }
     pointwise_backward<C, P>(gh, w, [&](int p) { return x + p * C; }, [&](int p) { return out + p * C; }, gw);
   }
-  if constexpr (HEAD && !BACKWARD) {
-    // the head's outputs (padded to 8) of row p accumulate in two vectors, even and odd channels: 2P independent
-    // chains of FMAs (one chain per row was latency-bound, and doubled the kernel's time)
-    v8 acc[P][2];
-    for (int p = 0; p < P; ++p) { acc[p][0] = load<8>(hd.bias); acc[p][1] = v8{}; }
-    for (int c = 0; c < C; c += 2) {
-      const v8 w0 = load<8>(hd.wt + c * 8), w1 = load<8>(hd.wt + (c + 1) * 8);
-      for (int p = 0; p < P; ++p) {
-        acc[p][0] += act[p][c] * w0;
-        acc[p][1] += act[p][c + 1] * w1;
-      }
-    }
-    for (int p = 0; p < P; ++p) {
-      alignas(32) float o[8];
-      store<8>(o, acc[p][0] + acc[p][1]);
-      for (int64_t j = 0; j < hd.ho; ++j) hd.out[p * hd.ho + j] = o[j];
-    }
-  } else if constexpr (HEAD) {
+  if constexpr (HEAD && BACKWARD) {
     for (int64_t j = 0; j < hd.ho; ++j) {
       V acc[NV];
       for (int v = 0; v < NV; ++v) acc[v] = load<VW>(hd.gw + j * C + v * VW);
@@ -830,17 +839,6 @@ bool dispatch_channel_count(int64_t c, const F& body) {
   return false;
 }
 
-// The head's weight [HO, C] checked (HO <= 8) and transposed into [C][8], zero-padded, and its bias padded to 8.
-std::pair<at::Tensor, at::Tensor> head_padded(const at::Tensor& hw, const at::Tensor& hb, int64_t c) {
-  TORCH_CHECK(hw.dim() == 2 && hw.is_contiguous() && hw.size(1) == c && hw.size(0) >= 1 && hw.size(0) <= 8 &&
-              hb.is_contiguous() && hb.numel() == hw.size(0), "pw_gelu: the head must be [HO <= 8, C] with [HO] bias");
-  auto wt = at::zeros({c, 8}, hw.options());
-  wt.narrow(1, 0, hw.size(0)).copy_(hw.t());
-  auto bias = at::zeros({8}, hw.options());
-  bias.narrow(0, 0, hw.size(0)).copy_(hb);
-  return {wt, bias};
-}
-
 // gelu(x @ weight^T + bias) for x [M, C], weight [C, C] (C in 8, 16, 32, 64); with a head (head_w [HO, C], HO <= 8,
 // head_b [HO]; empty tensors: none), that GELU's head_w 1x1 conv [M, HO] instead.
 at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -850,13 +848,15 @@ at::Tensor pw_gelu_forward(const at::Tensor& x, const at::Tensor& weight, const 
               "pw_gelu_forward: expected x [M, C] and a square weight [C, C]");
   const int64_t m = x.size(0), c = x.size(1);
   const bool has_head = head_w.defined() && head_w.numel() > 0;
-  at::Tensor out, hwt, hbias;
+  at::Tensor out;
   Head head{};
   if (has_head) {
-    std::tie(hwt, hbias) = head_padded(head_w, head_b, c);
+    TORCH_CHECK(head_w.dim() == 2 && head_w.is_contiguous() && head_w.size(1) == c && head_w.size(0) <= 8 &&
+                head_b.is_contiguous() && head_b.numel() == head_w.size(0),
+                "pw_gelu_forward: the head must be [HO <= 8, C] with a [HO] bias");
     out = at::empty({m, head_w.size(0)}, x.options());
-    head.rows = HeadRows{hwt.data_ptr<float>(), head_w.data_ptr<float>(), hbias.data_ptr<float>(), head_w.size(0),
-                         nullptr, out.data_ptr<float>(), nullptr, nullptr};
+    head.rows = HeadRows{head_w.data_ptr<float>(), head_b.data_ptr<float>(), head_w.size(0), nullptr,
+                         out.data_ptr<float>(), nullptr, nullptr};
   } else {
     out = at::empty_like(x);
   }
@@ -888,8 +888,8 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
   if (has_head) {
     TORCH_CHECK(head_w.is_contiguous() && head_w.dim() == 2 && head_w.size(1) == c && ho <= 8,
                 "pw_gelu_backward: the head must be [HO <= 8, C]");
-    head = Head{HeadRows{nullptr, head_w.data_ptr<float>(), nullptr, ho, g.data_ptr<float>(), nullptr, nullptr,
-                         nullptr}, &acc_hw, &acc_hb};
+    head = Head{HeadRows{head_w.data_ptr<float>(), nullptr, ho, g.data_ptr<float>(), nullptr, nullptr, nullptr},
+                &acc_hw, &acc_hb};
   }
   const bool ok = dispatch_channel_count(c, [&]<int C>() {
     pw_gelu_all<C, true>(m, x.data_ptr<float>(), wt.data_ptr<float>(), weight.data_ptr<float>(),
