@@ -437,16 +437,13 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
         }
         for (int j = 0; j < WIN; ++j)
           for (int v = 0; v < NV; ++v) store<VW>(local + j * CI + v * VW, acc[j][v]);
+        // aw += gp^T @ s: each output channel's gradient sits at one window voxel, so one FMA row per channel (the
+        // dense product spent WIN times as many FMAs on zeros)
         for (int c = 0; c < CO; ++c) {
           float* awc = aw + c * CI;
-          V acc[NV];
-          for (int v = 0; v < NV; ++v) acc[v] = load<VW>(awc + v * VW);
-          for (int j = 0; j < WIN; ++j) {
-            const float gjc = gp[j][c];
-            const float* sj = sw + j * CI;
-            for (int v = 0; v < NV; ++v) acc[v] += gjc * load<VW>(sj + v * VW);
-          }
-          for (int v = 0; v < NV; ++v) store<VW>(awc + v * VW, acc[v]);
+          const float gc = gzo[c];
+          const float* sj = sw + io[c] * CI;
+          for (int v = 0; v < NV; ++v) store<VW>(awc + v * VW, load<VW>(awc + v * VW) + gc * load<VW>(sj + v * VW));
         }
       } else {
         std::memset(local, 0, sizeof(float) * win * ci);
