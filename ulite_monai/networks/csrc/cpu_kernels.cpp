@@ -1046,6 +1046,18 @@ int64_t tile_rows(int64_t n, int64_t h, int64_t max_t) {
 // sum over i < count of a[i * C .. ] * b[i * C .. ] per channel, four partial sums for independent FMA chains
 template <int C>
 inline void dot_rows(const float* __restrict__ a, const float* __restrict__ b, int64_t count, float* __restrict__ acc) {
+  if constexpr (C == 8) {
+    // 8 channels: two voxels per 16-wide vector (half the loads and FMAs of 8-wide ones), folded at the end
+    v16 s[4] = {};
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+      for (int u = 0; u < 4; ++u) s[u] += load<16>(a + (i + 2 * u) * 8) * load<16>(b + (i + 2 * u) * 8);
+    v8 rest{};
+    for (; i < count; ++i) rest += load<8>(a + i * 8) * load<8>(b + i * 8);
+    const v16 t = (s[0] + s[1]) + (s[2] + s[3]);
+    store<8>(acc, load<8>(acc) + ((low8(t) + high8(t)) + rest));
+    return;
+  }
   constexpr int VW = C >= 16 ? 16 : 8;
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
