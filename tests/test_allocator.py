@@ -99,12 +99,13 @@ def test_training_configs_tune_the_allocator(bundle, extra):
 
 
 _WORKING_SET_PROBE = r"""
-import json, resource, statistics
+import ctypes, json, os, resource, statistics
 import torch
 from ulite_monai.networks import ULite
 from ulite_monai.utils import allocator_settings, tune_cpu_allocator
 
 tune_cpu_allocator()
+release = ctypes.CDLL("libc.so.6").malloc_trim if os.environ.get("PROBE_RELEASE") == "1" else None
 torch.manual_seed(0)
 net = ULite(3, 1, 2, features=(8, 16, 32, 64, 128))  # the 3D bundle's widths
 opt = torch.optim.AdamW(net.parameters(), 1e-3)
@@ -115,6 +116,8 @@ for _ in range(12):  # training steps whose working set (~1 GB) is freed at the 
     opt.zero_grad()
     net(x).square().mean().backward()
     opt.step()
+    if release is not None:
+        release(0)  # hand every free page back to the kernel, wherever it lies in the heap
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
 print(json.dumps({"faults": faults, "settings": allocator_settings(), "peak_mb": peak_mb,
@@ -135,21 +138,20 @@ def test_large_working_sets_are_kept_for_the_next_pass():
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     kept = run({})
-    bounded = run({"ULITE_TRIM_THRESHOLD_MB": "0"})
+    released = run({"PROBE_RELEASE": "1"})
     print(f"page faults per 2x1x64^3 training step: default {kept['faults']} (peak RSS {kept['peak_mb']} MB), "
-          f"0 MiB bound {bounded['faults']} (peak RSS {bounded['peak_mb']} MB)")
+          f"all free pages released after each step {released['faults']} (peak RSS {released['peak_mb']} MB)")
     assert "never trim" in kept["settings"]
-    assert "M_TRIM_THRESHOLD=0 MiB" in bounded["settings"]
     assert kept["faults"][0] > 20_000  # the first step faults its working set in, whatever the setting
     # later steps reuse the memory the process kept (the heap can still grow by a few MiB in one of the first
     # steps after the second, while freed blocks settle into a layout that fits every step)
     assert kept["steady"] < 1_000
-    # bounded below the working set (here at 0: every freed top is handed back), the steps fault memory in again.
-    # How much depends on what lies at the top of the heap when a step ends (the fused kernels' own buffers move
-    # it): with an 8 MiB bound every step re-faulted >10,000 pages in some layouts and one step in twelve in others;
-    # at 0 the steady steps re-faulted 4,000-16,000 pages each in every run measured.
-    assert bounded["steady"] > 2_000 and bounded["steady"] > 20 * max(kept["steady"], 1), bounded["faults"]
-    assert kept["peak_mb"] < 1.25 * bounded["peak_mb"]  # keeping freed memory does not raise the peak
+    # the control: with every free page handed back after each step (malloc_trim(0)), the steps fault their working
+    # set in again, so the probe does free and re-allocate it. (ULITE_TRIM_THRESHOLD_MB only trims the heap's top,
+    # so what it hands back depends on what lies there when a step ends: at 0 MiB the steady steps re-faulted
+    # 4,000-22,000 pages in some kernel builds and 2 in others; too layout-bound for a test.)
+    assert released["steady"] > 2_000 and released["steady"] > 20 * max(kept["steady"], 1), released["faults"]
+    assert kept["peak_mb"] < 1.25 * released["peak_mb"]  # keeping freed memory does not raise the peak
 
 
 def test_threshold_only_goes_up_and_is_checked():
