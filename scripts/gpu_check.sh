@@ -142,7 +142,7 @@ if [ "$QUICK" = 1 ]; then
   sw_args=(--quick --sw-no-sweep)
 else
   train_args=(--train-models ulite ulite-triton monai-unet monai-unet-cl --train-repeats 20)
-  speed_args=(--models ulite ulite-fused ulite-fused-nchw monai-unet segresnet basicunet attentionunet unetr swinunetr
+  speed_args=(--models ulite ulite-default ulite-fused ulite-fused-nchw monai-unet segresnet basicunet attentionunet unetr swinunetr
               classic-unet --repeats 20 --repeats-3d 10)
   sw_args=(--sw-grid --sw-roi 64 96 128 --sw-batch 1 2 4 8 --sw-overlap 0.25 --sw-repeats 3)
 fi

@@ -120,16 +120,16 @@ def test_unknown_model_is_an_error(capsys):
 
 def test_quick_speed_and_sliding_window_outputs(tmp_path):
     out = tmp_path / "bench"
-    rc = cli.main(["--quick", "--modes", "speed", "sw", "--dims", "2", "--models", "ulite", "ulite-fused",
-                   "--threads", "1", "--sw-models", "ulite-fused", "--sw-volume", "48", "48", "32",
-                   "--sw-batch", "--out", str(out)])
+    rc = cli.main(["--quick", "--modes", "speed", "sw", "--dims", "2", "--models", "ulite", "ulite-default",
+                   "ulite-fused", "monai-unet", "--threads", "1", "--sw-models", "ulite-fused",
+                   "--sw-volume", "48", "48", "32", "--sw-batch", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "benchmark.json").read_text())
     env = data["environment"]
     assert env["torch_threads"] == 1 and env["cpu_count"] >= 1
     assert len(data["load_average_start"]) == 3
     res = {r["model"]: r for r in data["speed"]["results"]}
-    assert set(res) == {"ulite", "ulite-fused"}
+    assert set(res) == {"ulite", "ulite-default", "ulite-fused", "monai-unet"}
     for r in res.values():
         assert r["status"] == "ok", r["notes"]
         assert r["params"] > 800_000 and r["flops"] > 0
@@ -138,6 +138,11 @@ def test_quick_speed_and_sliding_window_outputs(tmp_path):
         assert r["throughput_per_s"] > 0 and r["infer_peak_rss_mb"] > 50
     assert res["ulite"]["train_step"]["median_ms"] > 0 and res["ulite"]["train_peak_rss_mb"] > 50
     assert "train_step" not in res["ulite-fused"]  # eval-only variant
+    assert res["ulite-default"]["params"] == res["ulite"]["params"]  # the same network, another implementation
+    train = {(q["model"], q["versus"]): q["speedup"] for q in data["speed"]["train_ratios"]}
+    assert set(train) == {("ulite-default", "monai-unet"), ("ulite-default", "ulite")}
+    assert train[("ulite-default", "ulite")] == pytest.approx(
+        res["ulite"]["train_step"]["median_ms"] / res["ulite-default"]["train_step"]["median_ms"])
     ratio = [q for q in data["speed"]["ratios"] if q["model"] == "ulite-fused" and q["versus"] == "ulite"]
     assert len(ratio) == 1
     assert ratio[0]["speedup"] == pytest.approx(
@@ -151,7 +156,8 @@ def test_quick_speed_and_sliding_window_outputs(tmp_path):
     assert sw["runs"][0]["wall_s"] > 0 and sw["runs"][0]["peak_rss_mb"] > 50
     assert "U-Lite fused" in sw["best"]
     md = (out / "benchmark.md").read_text()
-    assert "| U-Lite (unfused) |" in md and "| U-Lite fused |" in md and "Sliding-window" in md
+    assert "| U-Lite (unfused) |" in md and "| U-Lite (default) |" in md and "| U-Lite fused |" in md
+    assert "Sliding-window" in md and "training step: default U-Lite speed-up over MONAI UNet" in md
     assert "fused U-Lite speed-up over the unfused reference structure" in md
     assert "| bs1 cold median (ms) |" in md and "| cold calls |" in md
     png = (out / "latency_vs_params.png").read_bytes()

@@ -19,6 +19,7 @@ import torch
 from ulite_monai.bench import cli, device as D, report
 from ulite_monai.bench.models import build_model
 from ulite_monai.bench.workloads import make_labels, make_step
+from ulite_monai.networks import ULite
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ulite"
@@ -66,6 +67,17 @@ def test_build_model_fuses_before_moving_and_keeps_onnx_on_the_cpu():
     assert all(p.device.type == "cpu" for p in net.parameters())
     with pytest.raises(ValueError, match="CPU only"):
         build_model("ulite-onnx", 2, device="cuda")  # refused before anything touches CUDA
+
+
+def test_the_default_row_is_the_network_users_train_and_the_unfused_row_the_reference():
+    _, default = build_model("ulite-default", 3, train=True)
+    _, reference = build_model("ulite", 3, train=True)
+    assert default.training and reference.training
+    assert default.implementation() == ULite(spatial_dims=3, in_channels=1, out_channels=2).implementation()
+    assert default.implementation() != "reference" and reference.implementation() == "reference"
+    assert default.state_dict().keys() == reference.state_dict().keys()
+    _, default_eval = build_model("ulite-default", 2)
+    assert not default_eval.training
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])

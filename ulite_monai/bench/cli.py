@@ -29,7 +29,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-_QUICK_MODELS = ("ulite", "ulite-fused", "ulite-onnx", "monai-unet")
+_QUICK_MODELS = ("ulite", "ulite-default", "ulite-fused", "ulite-onnx", "monai-unet")
 
 
 def build_parser() -> argparse.ArgumentParser:

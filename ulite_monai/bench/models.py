@@ -59,6 +59,9 @@ MODELS: dict[str, ModelSpec] = {
     for s in [
         ModelSpec("ulite", "U-Lite (unfused)", "ulite", True, "torch",
                   "ULite(axial_impl='reference'), eval mode, NCHW: the reference structure with BatchNorm"),
+        ModelSpec("ulite-default", "U-Lite (default)", "ulite", True, "torch",
+                  "ULite() defaults, not fused: axial_impl='auto' (on the CPU the fused training kernels, "
+                  "channels-last); the network users and the bundle train"),
         ModelSpec("ulite-fused", "U-Lite fused", "ulite", False, "torch",
                   "fuse_ulite(net) defaults: BN folded, axial blocks merged (2D), channels-last"),
         ModelSpec("ulite-fused-nchw", "U-Lite fused NCHW", "ulite", False, "torch",
@@ -212,6 +215,10 @@ def build_model(name: str, dims: int, train: bool = False, workdir: str | None =
 
     if name == "ulite":  # the reference code's computation (NCHW, one depthwise conv per axis), same parameters
         base = _randomise_bn(_ulite(dims, features, axial_impl="reference")).to(device)
+        return (base.train(), base.train()) if train else (base.eval(), base.eval())
+    if name == "ulite-default":  # what ULite() runs: the axial implementation chosen for the device
+        base = _randomise_bn(_ulite(dims, features))
+        base = base.to(device)  # before the implementation is resolved: it depends on the device
         return (base.train(), base.train()) if train else (base.eval(), base.eval())
     base = _randomise_bn(_ulite(dims, features))
     base.eval()

@@ -157,6 +157,11 @@ def _speed_tables(speed: dict) -> list[str]:
             lines.append(f"| {q['dims']}D | {q['meaning']} | {q['speedup']:.2f}x | "
                          + (f"{c:.2f}x" if c else "–") + " |")
         lines.append("")
+    if speed.get("train_ratios"):
+        lines += ["### Same-run ratios (training step, median)", "",
+                  "| dims | ratio | speed-up |", "|---|---|---:|"]
+        lines += [f"| {q['dims']}D | {q['meaning']} | {q['speedup']:.2f}x |" for q in speed["train_ratios"]]
+        lines.append("")
     return lines
 
 

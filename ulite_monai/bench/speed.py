@@ -32,7 +32,7 @@ from ulite_monai.bench import measure
 from ulite_monai.bench.models import MODELS, build_model, input_shape
 from ulite_monai.bench.workloads import make_infer, make_input, make_train_step
 
-__all__ = ["run_speed", "interleave", "RATIO_PAIRS"]
+__all__ = ["run_speed", "interleave", "RATIO_PAIRS", "TRAIN_RATIO_PAIRS"]
 
 #: (numerator model, denominator model, what the ratio means); ratio = latency(denominator) / latency(numerator)
 RATIO_PAIRS = (
@@ -44,6 +44,13 @@ RATIO_PAIRS = (
     ("ulite-onnx", "classic-unet", "ONNX Runtime U-Lite speed-up over the classic U-Net"),
     ("ulite-fused", "ulite-fused-nchw", "channels-last speed-up of the fused network"),
     ("ulite-fused-compile", "ulite-fused", "torch.compile speed-up of the fused network"),
+    ("ulite-default", "monai-unet", "default (unfused) U-Lite speed-up over MONAI UNet"),
+)
+
+#: the same for the bs1 training step (``train_step`` medians)
+TRAIN_RATIO_PAIRS = (
+    ("ulite-default", "monai-unet", "training step: default U-Lite speed-up over MONAI UNet"),
+    ("ulite-default", "ulite", "training step: default U-Lite speed-up over the reference structure"),
 )
 
 
@@ -239,6 +246,7 @@ def run_speed(
     out["load_average_end"] = measure.load_average()
     out["ratios"] = ratios(out["results"])
     out["ratios_cold"] = ratios(out["results"], "latency_bs1_cold")
+    out["train_ratios"] = ratios(out["results"], "train_step", TRAIN_RATIO_PAIRS)
     return out
 
 
@@ -376,16 +384,17 @@ def _run_speed_cuda(
     out["load_average_end"] = measure.load_average()
     out["ratios"] = ratios(out["results"])
     out["ratios_cold"] = ratios(out["results"], "latency_bs1_cold")
+    out["train_ratios"] = ratios(out["results"], "train_step", TRAIN_RATIO_PAIRS)
     return out
 
 
-def ratios(results: list[dict], key: str = "latency_bs1") -> list[dict]:
-    """Same-run latency ratios (bs1 medians of ``key``: steady state, or ``latency_bs1_cold``) for
-    :data:`RATIO_PAIRS`, per dims."""
+def ratios(results: list[dict], key: str = "latency_bs1", pairs=RATIO_PAIRS) -> list[dict]:
+    """Same-run ratios of the medians of ``key`` (``latency_bs1``: steady state, ``latency_bs1_cold``, or
+    ``train_step``) for ``pairs`` (:data:`RATIO_PAIRS` or :data:`TRAIN_RATIO_PAIRS`), per dims."""
     by = {(r["dims"], r["model"]): r for r in results}
     out = []
     for dims in sorted({r["dims"] for r in results}):
-        for fast, slow, what in RATIO_PAIRS:
+        for fast, slow, what in pairs:
             a, b = by.get((dims, fast)), by.get((dims, slow))
             if not a or not b or key not in a or key not in b:
                 continue
