@@ -432,6 +432,10 @@ def test_pointwise_gelu_leaves_other_layers_to_the_stock_operators():
     (2, 32, 3, 2, (2, 32, 6, 6)),  # bottleneck branches (dilated 3-tap)
     (3, 16, 3, 3, (1, 16, 4, 6, 8)),  # dilation reaching past small sizes
     (2, 64, 7, 1, (1, 64, 4, 9)),  # fewer rows than taps, odd width
+    (2, 128, 7, 1, (2, 128, 6, 7)),  # wider tensors as blocks of 64 channels (the 2D paper widths' deep stages)
+    (2, 256, 7, 1, (1, 256, 5, 4)),
+    (3, 128, 7, 1, (1, 128, 3, 5, 4)),
+    (2, 512, 3, 2, (1, 512, 4, 4)),
 ])
 def test_fused_axial_block_matches_the_oneDNN_convolutions(dims, channels, k, dilation, shape):
     torch.manual_seed(2)
@@ -469,8 +473,8 @@ def test_axial_conv_leaves_other_blocks_to_the_stock_operators():
     assert axial_conv(x.contiguous(), weights, biases, [1, 1]) is None  # NCHW
     assert axial_conv(x, weights, biases, [1, 2]) is None  # per-axis dilations differ
     assert axial_conv(x.double(), [w.double() for w in weights], biases, [1, 1]) is None
-    wide = AxialDWConv(2, 128, 7)
-    xw = torch.randn(1, 128, 4, 4).contiguous(memory_format=torch.channels_last)
+    wide = AxialDWConv(2, 96, 7)  # neither compiled nor a multiple of the 64-channel blocks
+    xw = torch.randn(1, 96, 4, 4).contiguous(memory_format=torch.channels_last)
     assert axial_conv(xw, [c.weight for c in wide.convs], [c.bias for c in wide.convs], [1, 1]) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert axial_conv(x, weights, biases, [1, 1]) is None

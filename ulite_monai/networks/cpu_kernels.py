@@ -46,7 +46,7 @@ from ulite_monai.networks.utils import channels_last_format, update_running_stat
 
 __all__ = ["load_extension", "kernels_enabled", "encoder_tail", "pointwise_gelu", "axial_conv", "decoder_entry",
            "infer_encoder", "infer_decoder", "INFER_ACTS", "inference_input_ok", "MAX_TAIL_CHANNELS",
-           "PW_GELU_CHANNELS", "AXIAL_CHANNELS"]
+           "PW_GELU_CHANNELS", "AXIAL_CHANNELS", "AXIAL_BLOCK_CHANNELS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 _LOCK = threading.Lock()
@@ -383,19 +383,23 @@ class _AxialConv(torch.autograd.Function):
 #: channel counts of the compiled axial-block kernels
 AXIAL_CHANNELS = (8, 16, 32, 64)
 
+#: channel counts the training axial block (:func:`axial_conv`) runs through the kernels: the compiled ones, and wider
+#: tensors as blocks of 64 channels (the 2D paper widths' deep stages)
+AXIAL_BLOCK_CHANNELS = AXIAL_CHANNELS + (128, 256, 512)
+
 
 def axial_conv(x: torch.Tensor, weights, biases, dilations) -> torch.Tensor | None:
     """U-Lite's axial block ``x + sum_axis dwconv_axis(x)`` (per-axis depthwise weights ``(C, 1, ..., K, ...)``,
     biases, one dilation for all axes) in one pass forward and two backward (input gradient; weight and bias
     gradients), channels-last; ``None`` where it does not apply (then run :func:`~ulite_monai.networks.axial.
-    axial_merged`): as :func:`encoder_tail`, for channel counts in :data:`AXIAL_CHANNELS`."""
+    axial_merged`): as :func:`encoder_tail`, for channel counts in :data:`AXIAL_BLOCK_CHANNELS`."""
     nd = x.dim() - 2
     if nd not in (2, 3) or len(weights) != nd:
         return None
     c = x.shape[1]
     k = weights[0].shape[2]
     if not (
-        c in AXIAL_CHANNELS
+        c in AXIAL_BLOCK_CHANNELS
         and len(set(int(d) for d in dilations)) == 1
         and k % 2 == 1
         and k <= 15

@@ -926,20 +926,23 @@ struct AxialTaps {
   }
 };
 
-template <int C>
+// PS: the floats from one voxel to the next, C or (a block of C channels of a wider tensor) that tensor's channels
+template <int C, int PS = C>
 struct PlainSource {
   static constexpr int VW = AxialTaps<C>::VW;
+  static constexpr int STRIDE = PS;
   using V = typename AxialTaps<C>::V;
   using Row = const float*;
   const float* x;
   int64_t d, h, wd;
-  Row row(int64_t b, int64_t z, int64_t y) const { return x + ((b * d + z) * h + y) * wd * C; }
-  V at(Row r, int64_t xi, int v) const { return load<VW>(r + xi * C + v * VW); }
+  Row row(int64_t b, int64_t z, int64_t y) const { return x + ((b * d + z) * h + y) * wd * PS; }
+  V at(Row r, int64_t xi, int v) const { return load<VW>(r + xi * PS + v * VW); }
 };
 
 template <int C>
 struct UpAddSource {
   static constexpr int VW = AxialTaps<C>::VW;
+  static constexpr int STRIDE = C;
   using V = typename AxialTaps<C>::V;
   struct Row { const float* s; const float* l; };
   const float* skip;
@@ -955,7 +958,7 @@ struct UpAddSource {
   }
 };
 
-// One row (b, z, y) of the axial block over `src`, into dst [W, C].
+// One row (b, z, y) of the axial block over `src`, into dst [W, C] (voxels Src::STRIDE floats apart).
 template <int C, class Src>
 inline void axial_row(const AxialTaps<C>& tp, const Src& src, int64_t b, int64_t z, int64_t y,
                       float* __restrict__ dst) {
@@ -1008,7 +1011,7 @@ inline void axial_row(const AxialTaps<C>& tp, const Src& src, int64_t b, int64_t
       }
     }
     for (int p = 0; p < PV; ++p)
-      for (int v = 0; v < NV; ++v) store<VW>(dst + (x0 + p) * C + v * VW, acc[p][v]);
+      for (int v = 0; v < NV; ++v) store<VW>(dst + (x0 + p) * Src::STRIDE + v * VW, acc[p][v]);
   };
   constexpr int PV = NV >= 4 ? 1 : 4 / NV;
   const int64_t lo = std::min(reach, wd), hi = std::max(lo, wd - reach);
@@ -1043,10 +1046,11 @@ int64_t tile_rows(int64_t n, int64_t h, int64_t max_t) {
 }
 
 
-// sum over i < count of a[i * C .. ] * b[i * C .. ] per channel, four partial sums for independent FMA chains
-template <int C>
+// sum over i < count of a[i * PS .. ] * b[i * PS .. ] per channel (C of them), four partial sums for independent FMA
+// chains
+template <int C, int PS = C>
 inline void dot_rows(const float* __restrict__ a, const float* __restrict__ b, int64_t count, float* __restrict__ acc) {
-  if constexpr (C == 8) {
+  if constexpr (C == 8 && PS == 8) {
     // 8 channels: two voxels per 16-wide vector (half the loads and FMAs of 8-wide ones), folded at the end
     v16 s[4] = {};
     int64_t i = 0;
@@ -1067,39 +1071,55 @@ inline void dot_rows(const float* __restrict__ a, const float* __restrict__ b, i
   int64_t i = 0;
   for (; i + 4 <= count; i += 4)
     for (int u = 0; u < 4; ++u)
-      for (int v = 0; v < NV; ++v) s[u][v] += load<VW>(a + (i + u) * C + v * VW) * load<VW>(b + (i + u) * C + v * VW);
+      for (int v = 0; v < NV; ++v)
+        s[u][v] += load<VW>(a + (i + u) * PS + v * VW) * load<VW>(b + (i + u) * PS + v * VW);
   for (; i < count; ++i)
-    for (int v = 0; v < NV; ++v) s[0][v] += load<VW>(a + i * C + v * VW) * load<VW>(b + i * C + v * VW);
+    for (int v = 0; v < NV; ++v) s[0][v] += load<VW>(a + i * PS + v * VW) * load<VW>(b + i * PS + v * VW);
   for (int v = 0; v < NV; ++v) store<VW>(acc + v * VW, load<VW>(acc + v * VW) + ((s[0][v] + s[1][v]) + (s[2][v] + s[3][v])));
 }
 
-// weight gradients: gw[a][t] += sum over voxels of g * x shifted as in the forward; gb += sum of g
-template <int C>
+// weight gradients: gw[a][t] += sum over voxels of g * x shifted as in the forward; gb += sum of g. g and x hold PS
+// channels per voxel (gw [A, K, PS], gb [PS]); each row's PS channels go as PS / C blocks of C.
+template <int C, int PS = C>
 void axial_weight_grad_rows(const float* __restrict__ g, const float* __restrict__ x, float* __restrict__ gw,
                             float* __restrict__ gb, int64_t d, int64_t h, int64_t wd, int64_t k, int64_t dil,
                             bool three_d, int64_t r0, int64_t r1, const float* ones) {
-  const int64_t half = k / 2, row_len = wd * C;
+  const int64_t half = k / 2, row_len = wd * PS;
+  const int64_t ah = three_d ? 1 : 0;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t hy = row % h, dz = (row / h) % d, b = row / (h * d);
-    const float* gr = g + row * row_len;
-    const float* xr = x + row * row_len;
-    dot_rows<C>(gr, ones, wd, gb);
-    const int64_t ah = three_d ? 1 : 0;
-    if (three_d)
+    for (int64_t c0 = 0; c0 < PS; c0 += C) {
+      const float* gr = g + row * row_len + c0;
+      const float* xc = x + c0;
+      const float* xr = xc + row * row_len;
+      float* gwc = gw + c0;
+      dot_rows<C, PS>(gr, ones, wd, gb + c0);
+      if (three_d)
+        for (int64_t t = 0; t < k; ++t) {
+          const int64_t z = dz + (t - half) * dil;
+          if (z >= 0 && z < d) dot_rows<C, PS>(gr, xc + ((b * d + z) * h + hy) * row_len, wd, gwc + (0 * k + t) * PS);
+        }
       for (int64_t t = 0; t < k; ++t) {
-        const int64_t z = dz + (t - half) * dil;
-        if (z >= 0 && z < d) dot_rows<C>(gr, x + ((b * d + z) * h + hy) * row_len, wd, gw + (0 * k + t) * C);
+        const int64_t y = hy + (t - half) * dil;
+        if (y >= 0 && y < h) dot_rows<C, PS>(gr, xc + ((b * d + dz) * h + y) * row_len, wd, gwc + (ah * k + t) * PS);
       }
-    for (int64_t t = 0; t < k; ++t) {
-      const int64_t y = hy + (t - half) * dil;
-      if (y >= 0 && y < h) dot_rows<C>(gr, x + ((b * d + dz) * h + y) * row_len, wd, gw + (ah * k + t) * C);
-    }
-    for (int64_t t = 0; t < k; ++t) {
-      const int64_t s = (t - half) * dil;  // out[xi] reads x[xi + s]
-      const int64_t lo = std::max<int64_t>(0, -s), hi = std::min<int64_t>(wd, wd - s);
-      if (hi > lo) dot_rows<C>(gr + lo * C, xr + (lo + s) * C, hi - lo, gw + ((ah + 1) * k + t) * C);
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t s = (t - half) * dil;  // out[xi] reads x[xi + s]
+        const int64_t lo = std::max<int64_t>(0, -s), hi = std::min<int64_t>(wd, wd - s);
+        if (hi > lo) dot_rows<C, PS>(gr + lo * PS, xr + (lo + s) * PS, hi - lo, gwc + ((ah + 1) * k + t) * PS);
+      }
     }
   }
+}
+
+// Calls body.template operator()<C, PS>() for the axial block's channel counts: C = PS for the compiled counts
+// (dispatch_channel_count), blocks of C = 64 for 128, 256 and 512 channels; false for the others.
+template <typename F>
+bool dispatch_axial_channels(int64_t c, const F& body) {
+  if (c == 128) { body.template operator()<64, 128>(); return true; }
+  if (c == 256) { body.template operator()<64, 256>(); return true; }
+  if (c == 512) { body.template operator()<64, 512>(); return true; }
+  return dispatch_channel_count(c, [&]<int C>() { body.template operator()<C, C>(); });
 }
 
 
@@ -1113,17 +1133,25 @@ at::Tensor axial_forward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t n = x.size(0), d = x.size(1), h = x.size(2), wd = x.size(3), k = w.size(1);
   TORCH_CHECK(k % 2 == 1 && 2 * k <= 32, "axial_forward: odd kernel of at most 15 taps");
   auto out = at::empty_like(x);
-  const bool ok = dispatch_channel_count(x.size(4), [&]<int C>() {
-    const AxialTaps<C> tp(w.data_ptr<float>(), bias.data_ptr<float>(), d, h, wd, k, dil, three_d);
-    const PlainSource<C> src{x.data_ptr<float>(), d, h, wd};
+  const bool ok = dispatch_axial_channels(x.size(4), [&]<int C, int PS>() {
+    // PS / C blocks of C channels, each with its taps
+    std::vector<AxialTaps<C>> tp;
+    std::vector<PlainSource<C, PS>> src;
+    const auto wb = w.view({w.size(0), k, PS / C, C}).transpose(1, 2).contiguous();  // [A, blocks, K, C]
+    for (int64_t c0 = 0; c0 < PS; c0 += C) {
+      const auto wc = wb.select(1, c0 / C).contiguous();
+      tp.emplace_back(wc.data_ptr<float>(), bias.data_ptr<float>() + c0, d, h, wd, k, dil, three_d);
+      src.push_back({x.data_ptr<float>() + c0, d, h, wd});
+    }
     float* po = out.data_ptr<float>();
     by_tiles(n, d, h, tile_rows(n, h, 8), [&]() {
       return [&](int64_t b, int64_t z, int64_t y) {
-        axial_row<C>(tp, src, b, z, y, po + ((b * d + z) * h + y) * wd * C);
+        for (int64_t j = 0; j < PS / C; ++j)
+          axial_row<C>(tp[j], src[j], b, z, y, po + ((b * d + z) * h + y) * wd * PS + j * C);
       };
     });
   });
-  TORCH_CHECK(ok, "axial_forward: channels must be 8, 16, 32 or 64");
+  TORCH_CHECK(ok, "axial_forward: channels must be 8, 16, 32, 64, 128, 256 or 512");
   return out;
 }
 
@@ -1137,13 +1165,13 @@ std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor&
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
   PartSums acc_w(parts, a_count * k * c), acc_b(parts, c);
   std::vector<float> ones(wd * c, 1.f);
-  const bool ok = dispatch_channel_count(c, [&]<int C>() {
+  const bool ok = dispatch_axial_channels(c, [&]<int C, int PS>() {
     by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
-      axial_weight_grad_rows<C>(g.data_ptr<float>(), x.data_ptr<float>(), acc_w.part(part), acc_b.part(part), d, h,
-                                wd, k, dil, a_count == 3, r0, r1, ones.data());
+      axial_weight_grad_rows<C, PS>(g.data_ptr<float>(), x.data_ptr<float>(), acc_w.part(part), acc_b.part(part), d,
+                                    h, wd, k, dil, a_count == 3, r0, r1, ones.data());
     });
   });
-  TORCH_CHECK(ok, "axial_weight_grad: channels must be 8, 16, 32 or 64");
+  TORCH_CHECK(ok, "axial_weight_grad: channels must be 8, 16, 32, 64, 128, 256 or 512");
   return {acc_w.sum({a_count, k, c}, x.options()), acc_b.sum({c}, x.options())};
 }
 
