@@ -234,7 +234,7 @@ def run_speed(
                     _, net = build_model(n, dims, train=True, size=size)
                     steps[n] = make_train_step(net, dims, train_batch, size)
                     steps[n]()  # warm-up step
-                trounds = {n: _rounds(max(3, reps // 4), recs[n]["probe_train_s"], budget) for n in trainable}
+                trounds = {n: _rounds(max(3, reps // 2), recs[n]["probe_train_s"], budget) for n in trainable}
                 log(f"[{dims}D] training step bs{train_batch}: interleaved ...")
                 tr, _ = interleave(steps, trounds)
                 for n in trainable:
@@ -372,7 +372,7 @@ def _run_speed_cuda(
                     recs[n]["throughput_per_s"] = throughput_batch / (st["median_ms"] / 1000.0)
                 del xb, bcalls
             if steps:
-                trounds = {n: _rounds(max(3, reps // 4), recs[n]["probe_train_s"], budget) for n in steps}
+                trounds = {n: _rounds(max(3, reps // 2), recs[n]["probe_train_s"], budget) for n in steps}
                 log(f"[{dims}D] training step bs{train_batch}: interleaved ...")
                 tr, _ = interleave(steps, trounds, timer=timer)
                 for n in steps:
