@@ -41,6 +41,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16)));
 
 template <int N> struct Vec;
 template <> struct Vec<16> { using type = v16; using unaligned = v16u; };
@@ -59,11 +60,46 @@ inline v8 low8(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6
 inline v8 high8(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
 // the sum of a vector's lanes
 inline float hsum(v8 a) {
-  typedef float v4 __attribute__((vector_size(16)));
   const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 inline float hsum(v16 a) { return hsum(low8(a) + high8(a)); }
+
+// The widest vector (bytes) whose compares and selects the target runs natively. GCC lowers a compare or a select
+// of a wider vector type lane by lane: on an AVX2 CPU, a 16-wide GELU (compares and selects in its exp and erf) ran
+// 15 to 40 times slower than on two 8-wide halves, and the kernels as a whole 3 times slower than PyTorch's own
+// operators. So the functions that compare (vexp, gelu, activate, the max-pool scans) run on halves there.
+#if defined(__AVX512F__)
+constexpr size_t kSelectBytes = 64;
+#elif defined(__AVX__)
+constexpr size_t kSelectBytes = 32;
+#else
+constexpr size_t kSelectBytes = 16;
+#endif
+
+// The widest vectors the kernels use: 16 floats where the CPU has 16-wide registers (AVX-512), else 8 (a 16-wide
+// vector type on an AVX2 CPU lives in memory between operations: a 1x1 conv + GELU over 32 channels ran at 2 GFLOP/s
+// on one core, the stock one at 28), and the vector width for C channels.
+constexpr int kVW = kSelectBytes >= 64 ? 16 : 8;
+constexpr int vwidth(int c) { return c >= kVW ? kVW : 8; }
+
+// A vector type's halves, and the two joined back.
+template <typename V> struct Halves;
+template <> struct Halves<v16> {
+  using H = v8;
+  static v8 lo(v16 a) { return low8(a); }
+  static v8 hi(v16 a) { return high8(a); }
+  static v16 join(v8 a, v8 b) { return join8(a, b); }
+};
+template <> struct Halves<v8> {
+  using H = v4;
+  static v4 lo(v8 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3); }
+  static v4 hi(v8 a) { return __builtin_shufflevector(a, a, 4, 5, 6, 7); }
+  static v8 join(v4 a, v4 b) { return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7); }
+};
+// whether V's compares and selects run on its halves (see kSelectBytes)
+template <typename V>
+constexpr bool kSplit = sizeof(V) > kSelectBytes;
 
 struct Geometry {
   int64_t n, d, h, w, ci, co, d2, h2, w2, rows;
@@ -175,6 +211,10 @@ class PartSums {
 // below 2e-7), 2^n from the exponent bits.
 template <typename V>
 inline V vexp(V x) {
+  if constexpr (kSplit<V>) {
+    using S = Halves<V>;
+    return S::join(vexp(S::lo(x)), vexp(S::hi(x)));
+  }
   using I = decltype(x < x);
   const V zero{};
   x = x > zero + 88.0f ? zero + 88.0f : x;
@@ -192,6 +232,13 @@ inline V vexp(V x) {
 // 7.1.26 (absolute error below 1.5e-7), computed without cancellation on either side of zero.
 template <typename V>
 inline V gelu(V x, V* dy) {
+  if constexpr (kSplit<V>) {
+    using S = Halves<V>;
+    typename S::H d0, d1;
+    const V out = S::join(gelu(S::lo(x), dy != nullptr ? &d0 : nullptr), gelu(S::hi(x), dy != nullptr ? &d1 : nullptr));
+    if (dy != nullptr) *dy = S::join(d0, d1);
+    return out;
+  }
   const V zero{};
   const V u = x * 0.70710678118654752f;
   const V au = u < zero ? -u : u;
@@ -204,35 +251,55 @@ inline V gelu(V x, V* dy) {
   return x * cdf;
 }
 
+// One step of a max-pool scan, taking the maximum as PyTorch's max-pool does: where x > best or x is NaN, best = x
+// and at = j.
+template <typename V>
+inline void pool_step(V x, V& best, V& at, V j) {
+  if constexpr (kSplit<V>) {
+    using S = Halves<V>;
+    typename S::H b0 = S::lo(best), b1 = S::hi(best), a0 = S::lo(at), a1 = S::hi(at);
+    pool_step(S::lo(x), b0, a0, S::lo(j));
+    pool_step(S::hi(x), b1, a1, S::hi(j));
+    best = S::join(b0, b1);
+    at = S::join(a0, a1);
+  } else {
+    const auto take = (x > best) | (x != x);
+    best = take ? x : best;
+    at = take ? j : at;
+  }
+}
+
 // pre = z (kept for the backward), then z = gelu(z), over n floats.
 inline void gelu_keep(float* __restrict__ z, float* __restrict__ pre, int64_t n) {
+  using V = Vec<kVW>::type;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 x = load<16>(z + i);
-    store<16>(pre + i, x);
-    store<16>(z + i, gelu<v16>(x, nullptr));
+  for (; i + kVW <= n; i += kVW) {
+    const V x = load<kVW>(z + i);
+    store<kVW>(pre + i, x);
+    store<kVW>(z + i, gelu<V>(x, nullptr));
   }
   if (i < n) {
-    alignas(64) float t[16] = {};
+    alignas(64) float t[kVW] = {};
     for (int64_t j = i; j < n; ++j) t[j - i] = z[j];
-    store<16>(t, gelu<v16>(load<16>(t), nullptr));
+    store<kVW>(t, gelu<V>(load<kVW>(t), nullptr));
     for (int64_t j = i; j < n; ++j) { pre[j] = z[j]; z[j] = t[j - i]; }
   }
 }
 
 // out = g * gelu'(pre), over n floats.
 inline void gelu_grad(const float* __restrict__ g, const float* __restrict__ pre, float* __restrict__ out, int64_t n) {
+  using V = Vec<kVW>::type;
   int64_t i = 0;
-  v16 d;
-  for (; i + 16 <= n; i += 16) {
-    gelu<v16>(load<16>(pre + i), &d);
-    store<16>(out + i, load<16>(g + i) * d);
+  V d;
+  for (; i + kVW <= n; i += kVW) {
+    gelu<V>(load<kVW>(pre + i), &d);
+    store<kVW>(out + i, load<kVW>(g + i) * d);
   }
   if (i < n) {
-    alignas(64) float t[16] = {};
+    alignas(64) float t[kVW] = {};
     for (int64_t j = i; j < n; ++j) t[j - i] = pre[j];
-    gelu<v16>(load<16>(t), &d);
-    store<16>(t, d);
+    gelu<V>(load<kVW>(t), &d);
+    store<kVW>(t, d);
     for (int64_t j = i; j < n; ++j) out[j] = g[j] * t[j - i];
   }
 }
@@ -256,7 +323,7 @@ void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __re
         float* __restrict__ si = ps + (v0 + x) * ci;
         float* __restrict__ out = p + (r * w + x) * co;
         if constexpr (CI > 0 && CO > 0) {
-          constexpr int VO = CO >= 16 ? 16 : 8;
+          constexpr int VO = vwidth(CO);
           using V = typename Vec<VO>::type;
           float sv[CI];
           for (int k = 0; k < CI; ++k) sv[k] = yi[k] * pa[k] + pb[k];
@@ -286,7 +353,7 @@ void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __re
       uint8_t* __restrict__ io = pi + (o0 + x2) * co;
       const float* first = p + (2 * x2) * co;
       if constexpr (CO > 0) {
-        constexpr int VO = CO >= 16 ? 16 : 8;
+        constexpr int VO = vwidth(CO);
         using V = typename Vec<VO>::type;
         V best[CO / VO], at[CO / VO];
         for (int v = 0; v < CO / VO; ++v) { best[v] = load<VO>(first + v * VO); at[v] = V{}; }
@@ -294,10 +361,7 @@ void forward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __re
           const float* pj = p + ((j / 2) * w + 2 * x2 + j % 2) * co;
           const V jv = V{} + static_cast<float>(j);
           for (int v = 0; v < CO / VO; ++v) {
-            const V x = load<VO>(pj + v * VO);
-            const auto take = (x > best[v]) | (x != x);
-            best[v] = take ? x : best[v];
-            at[v] = take ? jv : at[v];
+            pool_step<V>(load<VO>(pj + v * VO), best[v], at[v], jv);
           }
         }
         alignas(64) float jf[CO];
@@ -382,7 +446,7 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
   float* __restrict__ local = local_buf.data();
   float* __restrict__ sw = skip_buf.data();  // the window's skip values, [win][ci]
   int64_t vox[8];
-  constexpr int VWS = CI >= 16 ? 16 : 8;
+  constexpr int VWS = vwidth(CI);
   constexpr int NVS = CI > 0 ? CI / VWS : 1;
   using VS = typename Vec<VWS>::type;
   VS sum_g[NVS], sum_gx[NVS], mean_v[NVS];
@@ -417,7 +481,7 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
         // dense: gp[j][c] is the window's gradient of the 1x1 conv output (zero but at each maximum), then
         // local = gp @ weight and aw += gp^T @ s, with register accumulators (a sparse scatter into `local`
         // chained every channel through a store and a load, 4x slower)
-        constexpr int VW = CI >= 16 ? 16 : 8;
+        constexpr int VW = vwidth(CI);
         constexpr int NV = CI / VW;
         using V = typename Vec<VW>::type;
         alignas(64) float gp[WIN][CO > 0 ? CO : 1];
@@ -498,7 +562,7 @@ void backward_groups(const Geometry& g, int64_t g0, int64_t g1, const float* __r
 template <int CI>
 void second_pass(float* __restrict__ pgy, const float* __restrict__ py, int64_t m, const float* scale,
                  const float* coef, const float* shift) {
-  constexpr int VW = CI >= 16 ? 16 : 8;
+  constexpr int VW = vwidth(CI);
   using V = typename Vec<VW>::type;
   parallel(0, m, 2048, [&](int64_t v0, int64_t v1) {
     V sc[CI / VW], co[CI / VW], sh[CI / VW];
@@ -642,7 +706,7 @@ std::vector<at::Tensor> channel_stats(const at::Tensor& x) {
 template <int C, int P, class In, class Out>
 inline void pointwise_backward(const float (*gh)[C], const float* __restrict__ w, const In& x, const Out& out,
                                float* __restrict__ gw) {
-  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int VW = vwidth(C);
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
   V gx[P][NV];
@@ -688,7 +752,7 @@ template <int C, int P, bool BACKWARD, bool HEAD = false>
 inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ w,
                          const float* __restrict__ bias, const float* __restrict__ g, float* __restrict__ out,
                          float* __restrict__ gw, float* __restrict__ gb, const HeadRows& hd = HeadRows{}) {
-  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int VW = vwidth(C);
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
   alignas(64) float act[HEAD && BACKWARD ? P : 1][C];  // with HEAD (backward), the GELU's outputs
@@ -721,9 +785,9 @@ inline void pw_gelu_rows(const float* __restrict__ x, const float* __restrict__ 
       for (int v = 0; v < NV; ++v) h[p][v] += xk * wk[v];
     }
   }
-  if constexpr (C == 8 && P % 2 == 0) {
-    // 8 channels: the GELU on two rows at a time in one 16-wide vector (its cost is per vector, whatever the
-    // width; rows p and p + 1 are adjacent in x, g, out and gh)
+  if constexpr (C == 8 && P % 2 == 0 && kVW == 16) {
+    // 8 channels on 16-wide registers: the GELU on two rows at a time in one 16-wide vector (its cost is per
+    // vector, whatever the width; rows p and p + 1 are adjacent in x, g, out and gh)
     if constexpr (!BACKWARD && HEAD) {
       for (int p = 0; p < P; p += 2) {
         const v16 o = gelu<v16>(join8(h[p][0], h[p + 1][0]), nullptr);
@@ -910,7 +974,7 @@ std::vector<at::Tensor> pw_gelu_backward(const at::Tensor& g, const at::Tensor& 
 //   [N, D, H, W, C] and lo [N, D / 2, H / 2, W / 2, C] (D and lo's D are 1 in 2D).
 template <int C>
 struct AxialTaps {
-  static constexpr int VW = C >= 16 ? 16 : 8;
+  static constexpr int VW = vwidth(C);
   static constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
   int64_t d, h, wd, k, dil, half;
@@ -1050,8 +1114,8 @@ int64_t tile_rows(int64_t n, int64_t h, int64_t max_t) {
 // chains
 template <int C, int PS = C>
 inline void dot_rows(const float* __restrict__ a, const float* __restrict__ b, int64_t count, float* __restrict__ acc) {
-  if constexpr (C == 8 && PS == 8) {
-    // 8 channels: two voxels per 16-wide vector (half the loads and FMAs of 8-wide ones), folded at the end
+  if constexpr (C == 8 && PS == 8 && kVW == 16) {
+    // 8 channels on 16-wide registers: two voxels per 16-wide vector (half the loads and FMAs of 8-wide ones), folded at the end
     v16 s[4] = {};
     int64_t i = 0;
     for (; i + 8 <= count; i += 8)
@@ -1062,7 +1126,7 @@ inline void dot_rows(const float* __restrict__ a, const float* __restrict__ b, i
     store<8>(acc, load<8>(acc) + ((low8(t) + high8(t)) + rest));
     return;
   }
-  constexpr int VW = C >= 16 ? 16 : 8;
+  constexpr int VW = vwidth(C);
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
   V s[4][NV];
@@ -1181,6 +1245,10 @@ std::vector<at::Tensor> axial_weight_grad(const at::Tensor& g, const at::Tensor&
 template <typename V>
 inline V activate(V x, int act) {
   if (act == 1) return gelu<V>(x, nullptr);
+  if constexpr (kSplit<V>) {
+    using S = Halves<V>;
+    if (act == 2) return S::join(activate(S::lo(x), act), activate(S::hi(x), act));
+  }
   if (act == 2) return x > V{} ? x : V{};
   return x;
 }
@@ -1248,8 +1316,8 @@ void EncoderStage<C>::operator()(int64_t b, int64_t dz, int64_t hy) {
     for (int v = 0; v < NP; ++v) {
       V best = load<VW>(ybuf.data() + (2 * x2) * 2 * C + v * VW);
       for (int64_t j = 1; j < 2 * rows; ++j) {
-        const V x = load<VW>(ybuf.data() + ((j / 2) * wd + 2 * x2 + j % 2) * 2 * C + v * VW);
-        best = ((x > best) | (x != x)) ? x : best;  // NaN propagates, as torch.maximum
+        V unused{};
+        pool_step<V>(load<VW>(ybuf.data() + ((j / 2) * wd + 2 * x2 + j % 2) * 2 * C + v * VW), best, unused, V{});
       }
       store<VW>(out + x2 * 2 * C + v * VW, activate<V>(best, act));
     }
@@ -1422,9 +1490,9 @@ struct EntryGeometry {
 template <int C, int P>
 inline void entry_forward_block(const float* __restrict__ s, const float* __restrict__ lrow, int64_t x0,
                                 const float* __restrict__ wt, float* __restrict__ y,
-                                typename Vec<(C >= 16 ? 16 : 8)>::type* f1, typename Vec<(C >= 16 ? 16 : 8)>::type* f2,
-                                const typename Vec<(C >= 16 ? 16 : 8)>::type* shift) {
-  constexpr int VW = C >= 16 ? 16 : 8;
+                                typename Vec<vwidth(C)>::type* f1, typename Vec<vwidth(C)>::type* f2,
+                                const typename Vec<vwidth(C)>::type* shift) {
+  constexpr int VW = vwidth(C);
   constexpr int NV = C / VW;
   using V = typename Vec<VW>::type;
   V h[P][NV];
@@ -1475,7 +1543,7 @@ std::vector<at::Tensor> decoder_entry_forward(const at::Tensor& skip, const at::
     }
   }
   const bool ok = dispatch_channel_count(c, [&]<int C>() {
-    constexpr int VW = C >= 16 ? 16 : 8;
+    constexpr int VW = vwidth(C);
     constexpr int NV = C / VW;
     using V = typename Vec<VW>::type;
     by_parts(rows, parts, [&](int64_t part, int64_t r0, int64_t r1) {
@@ -1548,11 +1616,11 @@ std::vector<at::Tensor> channel_grad_sums(const at::Tensor& g, const at::Tensor&
 // backward), added into glo; gskip = gy @ w stored; gw += gy^T skip.
 template <int C>
 inline void entry_backward_four(const float* const* vg, const float* const* vy, const float* const* vs,
-                                float* const* vo, const float* __restrict__ w, const typename Vec<(C >= 16 ? 16 : 8)>::type* sc,
-                                const typename Vec<(C >= 16 ? 16 : 8)>::type* co,
-                                const typename Vec<(C >= 16 ? 16 : 8)>::type* sh,
-                                typename Vec<(C >= 16 ? 16 : 8)>::type* glo, float* __restrict__ gw) {
-  constexpr int VW = C >= 16 ? 16 : 8;
+                                float* const* vo, const float* __restrict__ w, const typename Vec<vwidth(C)>::type* sc,
+                                const typename Vec<vwidth(C)>::type* co,
+                                const typename Vec<vwidth(C)>::type* sh,
+                                typename Vec<vwidth(C)>::type* glo, float* __restrict__ gw) {
+  constexpr int VW = vwidth(C);
   constexpr int NV = C / VW;
   constexpr int P = 4;
   using V = typename Vec<VW>::type;
@@ -1590,7 +1658,7 @@ std::vector<at::Tensor> decoder_entry_backward(const at::Tensor& g, const at::Te
   const float* pw = w.data_ptr<float>();
   float *po = gskip.data_ptr<float>(), *pl = glo.data_ptr<float>();
   const bool ok = dispatch_channel_count(c, [&]<int C>() {
-    constexpr int VW = C >= 16 ? 16 : 8;
+    constexpr int VW = vwidth(C);
     constexpr int NV = C / VW;
     using V = typename Vec<VW>::type;
     V sc[NV], co[NV], sh[NV];
