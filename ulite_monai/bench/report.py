@@ -30,6 +30,8 @@ def environment(device=None, amp: str = "none") -> dict:
         pass
     env = {
         "cpu": cpu,
+        # the vector instructions PyTorch's kernels (and the project's, built for this CPU) use: AVX512, AVX2, ...
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -261,7 +263,9 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# U-Lite benchmark", "",
              f"Generated {report['created_utc']} by `{report['command']}`.", "",
-             f"Machine: {env['cpu']}, {env['cpu_count']} logical CPUs, {env.get('memory_gb', '?')} GB RAM; "
+             f"Machine: {env['cpu']}"
+             + (f" ({env['cpu_capability']})" if env.get("cpu_capability") else "")
+             + f", {env['cpu_count']} logical CPUs, {env.get('memory_gb', '?')} GB RAM; "
              f"torch {env['torch']} with {env['torch_threads']} threads, MONAI {env['monai']}, "
              f"ONNX Runtime {env['onnxruntime']}. CPU allocator: {env.get('allocator', 'default')} (every model "
              "alike)."
