@@ -610,7 +610,7 @@ class FusedULite(nn.Module):
         self.register_buffer("k_head_b", hb, persistent=False)
         # ULite's stem is a stride-1, "same"-padded conv: what conv3d_by_planes computes
         self.stem_depth_blocks = (
-            self.spatial_dims == 3 and self.channels_last and _depth_block(self.conv_in.out_channels, "cpu") > 1
+            self.spatial_dims == 3 and self.channels_last and _stem_by_planes_pays(self.conv_in.out_channels)
         )
         for p in self.parameters():
             p.requires_grad_(False)
@@ -629,9 +629,9 @@ class FusedULite(nn.Module):
 
     @torch.jit.unused
     def _stem_by_planes(self, x: torch.Tensor) -> bool:
-        """Whether the 3D stem runs through :func:`~ulite_monai.networks.axial.conv3d_by_planes` with several output
-        depths per plane: channels-last 3D stems of fewer than 16 channels (the bundle's 8) on the CPU, in eager
-        mode (traced and compiled graphs, e.g. the ONNX export, and scripted ones keep the plain convolution)."""
+        """Whether the 3D stem runs through :func:`~ulite_monai.networks.axial.conv3d_by_planes`: channels-last 3D
+        stems on the CPU where that pays (:func:`_stem_by_planes_pays`), in eager mode (traced and compiled graphs,
+        e.g. the ONNX export, and scripted ones keep the plain convolution)."""
         return (
             self.stem_depth_blocks
             and x.device.type == "cpu"
@@ -683,6 +683,18 @@ class FusedULite(nn.Module):
         if out is None:
             return dec(x, skip), False
         return out, head is not None
+
+
+def _stem_by_planes_pays(out_channels: int) -> bool:
+    """Whether a fused 3D stem of ``out_channels`` runs faster on this CPU as a 2D conv over depth windows
+    (:func:`~ulite_monai.networks.axial.conv3d_by_planes`) than as oneDNN's 3D conv: stems of fewer than 16
+    channels, computing several output depths per plane (the bundle's 8 channels: the stem alone 20-30% faster at
+    2x64^3..128^3, Intel Xeon with AVX-512), and any stem on CPUs without AVX-512, where oneDNN's 3D conv with one
+    input channel is slow (AMD EPYC with AVX2, 2 cores, the paper's 16-channel stem, one output depth per plane: the
+    whole fused network 17% faster at 1x1x128^3, 11% at 64^3, 4% at 2x1x96^3)."""
+    if _depth_block(out_channels, "cpu") > 1:
+        return True
+    return "AVX512" not in torch.backends.cpu.get_cpu_capability()
 
 
 def fuse_ulite(net: ULite, merge_axial: bool = True, channels_last: bool = True) -> FusedULite:

@@ -83,6 +83,15 @@ constexpr size_t kSelectBytes = 16;
 constexpr int kVW = kSelectBytes >= 64 ? 16 : 8;
 constexpr int vwidth(int c) { return c >= kVW ? kVW : 8; }
 
+// Rows (voxels) per register block for kernels that keep `rows` x `nv` vector accumulators: `rows` as tuned for
+// 32 16-wide registers (AVX-512); with 16 8-wide ones (AVX2), at most as many as leave 12 accumulators, the rest of
+// the registers for the weights and inputs (more spilled the accumulators to the stack).
+constexpr int fit_rows(int rows, int nv) {
+  if (kVW == 16) return rows;
+  const int fit = 12 / nv;
+  return fit < 1 ? 1 : (fit < rows ? fit : rows);
+}
+
 // A vector type's halves, and the two joined back.
 template <typename V> struct Halves;
 template <> struct Halves<v16> {
@@ -1287,7 +1296,8 @@ void EncoderStage<C>::operator()(int64_t b, int64_t dz, int64_t hy) {
   constexpr int VW = AxialTaps<C>::VW;
   using V = typename AxialTaps<C>::V;
   constexpr int CO = 3 * C, NO = CO / VW, NP = 2 * C / VW;  // vectors: all outputs, pooled outputs
-  constexpr int P = NO >= 12 ? 1 : (NO >= 6 ? 2 : 4);       // voxels at a time: independent FMA chains
+  // voxels at a time: independent FMA chains, their accumulators kept in registers
+  constexpr int P = fit_rows(NO >= 12 ? 1 : (NO >= 6 ? 2 : 4), NO);
   const int64_t d = tp.d, h = tp.h, wd = tp.wd;
   const bool pool_d = tp.three_d;
   const int64_t d2 = pool_d ? d / 2 : d, h2 = h / 2, w2 = wd / 2, rows = pool_d ? 4 : 2;
@@ -1399,7 +1409,7 @@ void DecoderStage<C>::operator()(int64_t b, int64_t z, int64_t y) {
   const int64_t row = (b * d + z) * h + y;
   axial_row<C>(tp, src, b, z, y, abuf.data());
   float* g = hwt != nullptr ? gbuf.data() : out + row * wd * C;
-  constexpr int PG = C <= 16 ? 8 : 4;  // voxels at a time, as in the head below
+  constexpr int PG = fit_rows(C <= 16 ? 8 : 4, C / vwidth(C));  // voxels at a time, as in the head below
   int64_t xi = 0;
   for (; xi + PG <= wd; xi += PG)
     pw_gelu_rows<C, PG, false>(abuf.data() + xi * C, w2t, w2t, b2, nullptr, g + xi * C, nullptr, nullptr);
@@ -1424,7 +1434,7 @@ void DecoderStage<C>::operator()(int64_t b, int64_t z, int64_t y) {
         for (int64_t o = 0; o < hout; ++o) orow[(x0 + p) * hout + o] = tmp[o];  // a few floats: no memcpy call
       }
     };
-    constexpr int PH = HV <= 2 ? 8 : 4;
+    constexpr int PH = fit_rows(HV <= 2 ? 8 : 4, HV);
     int64_t x0 = 0;
     for (; x0 + PH <= wd; x0 += PH) block.template operator()<PH>(x0);
     for (; x0 < wd; ++x0) block.template operator()<1>(x0);
