@@ -1296,8 +1296,11 @@ void EncoderStage<C>::operator()(int64_t b, int64_t dz, int64_t hy) {
   constexpr int VW = AxialTaps<C>::VW;
   using V = typename AxialTaps<C>::V;
   constexpr int CO = 3 * C, NO = CO / VW, NP = 2 * C / VW;  // vectors: all outputs, pooled outputs
-  // voxels at a time: independent FMA chains, their accumulators kept in registers
-  constexpr int P = fit_rows(NO >= 12 ? 1 : (NO >= 6 ? 2 : 4), NO);
+  // output vectors per pass over the inputs (all of them with 32 16-wide registers; with 16 8-wide ones (AVX2),
+  // blocks of 6: the 64-channel stage's 24 output vectors spilled its accumulators, at half the FLOP rate of the
+  // 32-channel one) and voxels at a time (independent FMA chains), the accumulators kept in registers
+  constexpr int NC = kVW == 16 || NO % 6 != 0 ? NO : 6;
+  constexpr int P = kVW == 16 ? (NO >= 12 ? 1 : (NO >= 6 ? 2 : 4)) : fit_rows(4, NC);
   const int64_t d = tp.d, h = tp.h, wd = tp.wd;
   const bool pool_d = tp.three_d;
   const int64_t d2 = pool_d ? d / 2 : d, h2 = h / 2, w2 = wd / 2, rows = pool_d ? 4 : 2;
@@ -1312,19 +1315,23 @@ void EncoderStage<C>::operator()(int64_t b, int64_t dz, int64_t hy) {
     float* sr = skip + ((b * d + z) * h + y) * wd * C;
     // PP voxels at a time (compile-time counts, so the accumulators stay in registers)
     auto block = [&]<int PP>(int64_t x0) {
-      V acc[PP][NO];
-      for (int p = 0; p < PP; ++p)
-        for (int v = 0; v < NO; ++v) acc[p][v] = bias[v];
-      for (int c = 0; c < C; ++c) {
-        const float* wc = wt + c * CO;
-        for (int v = 0; v < NO; ++v) {
-          const V wv = load<VW>(wc + v * VW);
-          for (int p = 0; p < PP; ++p) acc[p][v] += a[(x0 + p) * C + c] * wv;
+      for (int v0 = 0; v0 < NO; v0 += NC) {
+        V acc[PP][NC];
+        for (int p = 0; p < PP; ++p)
+          for (int v = 0; v < NC; ++v) acc[p][v] = bias[v0 + v];
+        for (int c = 0; c < C; ++c) {
+          const float* wc = wt + c * CO + v0 * VW;
+          for (int v = 0; v < NC; ++v) {
+            const V wv = load<VW>(wc + v * VW);
+            for (int p = 0; p < PP; ++p) acc[p][v] += a[(x0 + p) * C + c] * wv;
+          }
         }
-      }
-      for (int p = 0; p < PP; ++p) {
-        for (int v = 0; v < NP; ++v) store<VW>(yr + (x0 + p) * 2 * C + v * VW, acc[p][v]);
-        for (int v = NP; v < NO; ++v) store<VW>(sr + (x0 + p) * C + (v - NP) * VW, acc[p][v]);
+        for (int p = 0; p < PP; ++p)
+          for (int v = 0; v < NC; ++v) {
+            const int o = v0 + v;
+            if (o < NP) store<VW>(yr + (x0 + p) * 2 * C + o * VW, acc[p][v]);
+            else store<VW>(sr + (x0 + p) * C + (o - NP) * VW, acc[p][v]);
+          }
       }
     };
     int64_t x0 = 0;
