@@ -90,6 +90,20 @@ def _step(blk, x, gz, gs):
     return z, s, xi.grad
 
 
+def test_the_kernels_are_on_by_default_only_where_measured(monkeypatch):
+    """On by default where PyTorch runs AVX2 or AVX-512 code; elsewhere off unless ULITE_CPU_KERNELS=1; 0 turns
+    them off everywhere."""
+    monkeypatch.delenv("ULITE_CPU_KERNELS", raising=False)
+    for capability, expected in (("AVX512", True), ("AVX2", True), ("DEFAULT", False), ("SVE256", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cpu_kernels.kernels_enabled() is expected, capability
+        monkeypatch.setenv("ULITE_CPU_KERNELS", "1")
+        assert cpu_kernels.kernels_enabled()
+        monkeypatch.setenv("ULITE_CPU_KERNELS", "off")
+        assert not cpu_kernels.kernels_enabled()
+        monkeypatch.delenv("ULITE_CPU_KERNELS")
+
+
 def test_the_extension_builds_here():
     """CI machines have a C++ compiler: the kernels must build there, or every other test here compares the stock
     operators with themselves."""

@@ -13,7 +13,8 @@ from ulite_monai.networks.cpu_kernels import kernels_enabled, load_extension
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not kernels_enabled():
-        print("fused CPU kernels: turned off (ULITE_CPU_KERNELS=0)")
+        print("fused CPU kernels: turned off (ULITE_CPU_KERNELS=0, or a CPU without AVX2 where they are not measured "
+              "faster than PyTorch's operators; ULITE_CPU_KERNELS=1 turns them on)")
         return 0
     module = load_extension(verbose="-v" in argv)
     print("fused CPU kernels:", "ready" if module is not None else "not available (see the warning above)")

@@ -42,10 +42,12 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16)));
+typedef float v4u __attribute__((vector_size(16), aligned(4)));
 
 template <int N> struct Vec;
 template <> struct Vec<16> { using type = v16; using unaligned = v16u; };
 template <> struct Vec<8> { using type = v8; using unaligned = v8u; };
+template <> struct Vec<4> { using type = v4; using unaligned = v4u; };
 
 template <int N>
 inline typename Vec<N>::type load(const float* p) { return *reinterpret_cast<const typename Vec<N>::unaligned*>(p); }
@@ -59,10 +61,8 @@ inline v16 join8(v8 a, v8 b) {
 inline v8 low8(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
 inline v8 high8(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
 // the sum of a vector's lanes
-inline float hsum(v8 a) {
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
+inline float hsum(v4 b) { return (b[0] + b[2]) + (b[1] + b[3]); }
+inline float hsum(v8 a) { return hsum(__builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7)); }
 inline float hsum(v16 a) { return hsum(low8(a) + high8(a)); }
 
 // The widest vector (bytes) whose compares and selects the target runs natively. GCC lowers a compare or a select
@@ -77,10 +77,11 @@ constexpr size_t kSelectBytes = 32;
 constexpr size_t kSelectBytes = 16;
 #endif
 
-// The widest vectors the kernels use: 16 floats where the CPU has 16-wide registers (AVX-512), else 8 (a 16-wide
-// vector type on an AVX2 CPU lives in memory between operations: a 1x1 conv + GELU over 32 channels ran at 2 GFLOP/s
-// on one core, the stock one at 28), and the vector width for C channels.
-constexpr int kVW = kSelectBytes >= 64 ? 16 : 8;
+// The widest vectors the kernels use: 16 floats where the CPU has 16-wide registers (AVX-512), 8 with AVX2, else 4
+// (a vector type wider than the CPU's registers lives in memory between operations: on an AVX2 CPU a 1x1 conv + GELU
+// over 32 channels ran at 2 GFLOP/s on one core with 16-wide vectors, the stock one at 28), and the vector width for
+// C channels.
+constexpr int kVW = kSelectBytes >= 64 ? 16 : (kSelectBytes >= 32 ? 8 : 4);
 constexpr int vwidth(int c) { return c >= kVW ? kVW : 8; }
 
 // Rows (voxels) per register block for kernels that keep `rows` x `nv` vector accumulators: `rows` as tuned for
