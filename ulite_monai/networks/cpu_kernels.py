@@ -26,7 +26,9 @@ The extension is compiled once per machine and environment (each virtual environ
 MONAI Label server's, has its own build) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``; about 45 s with a C++ compiler). ``python -m ulite_monai.networks.build_kernels``
 builds it ahead of use (``make demo``/``make test`` run it). Without a compiler, or with ``ULITE_CPU_KERNELS=0``,
-the stock operators run instead (one warning names the reason).
+the stock operators run instead (one warning names the reason); on CPUs without AVX2 too, unless
+``ULITE_CPU_KERNELS=1`` (:func:`kernels_enabled`). The vector width follows the CPU the build is for (16 floats
+with AVX-512, 8 with AVX2).
 """
 
 from __future__ import annotations
